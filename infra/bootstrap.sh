@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Set up everything `make demo` / `make test` need on a fresh machine:
+#   - Debian packages (redis-server, ffmpeg) when they are missing and we are root;
+#   - a virtual environment in .venv with the project installed (editable) plus dev extras.
+# Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+APT_PACKAGES=(redis-server ffmpeg)
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ]; then
+    echo "bootstrap: apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "bootstrap: missing ${missing[*]}; install them with: sudo apt-get install -y ${APT_PACKAGES[*]}" >&2
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "bootstrap: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  echo "bootstrap: pip install (torch==2.13.0 CPU, the project and dev extras)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned, so nothing pulls a multi-GB CUDA build.
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi

