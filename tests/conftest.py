@@ -15,3 +15,14 @@ def _torch_determinism():
         torch.manual_seed(0)
         torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def shared_examples():
+    """The real example inputs in ../shared/examples (reference images and 24 kHz speech)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "examples"
+    if not path.is_dir():
+        pytest.fail(f"the shared examples are missing: {path}")
+    return path

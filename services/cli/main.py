@@ -44,6 +44,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from services.cli import generate
+
+    return generate.run(args)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from services.cli import inspect_cmd
+
+    return inspect_cmd.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liveavatar", description="LiveAvatar: real-time streaming avatar video")
     parser.add_argument("--log-level", default="WARNING", help="log level for the CLI (default WARNING)")
@@ -60,6 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", default=None, help="folder of example images and WAVs")
     p.add_argument("--out-dir", default="out", help="where the demo writes its outputs")
     p.set_defaults(func=_cmd_demo)
+
+    from services.cli import generate
+
+    p = sub.add_parser("generate", help="image + audio -> MP4 (single process, or a TPP lane with --tpp)")
+    generate.add_arguments(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("inspect", help="parameter count, keys and FLOPs of a config (meta device)")
+    try:
+        from services.cli import inspect_cmd
+    except ImportError:  # pragma: no cover - being written
+        inspect_cmd = None
+    if inspect_cmd is not None:
+        inspect_cmd.add_arguments(p)
+    p.set_defaults(func=_cmd_inspect)
     return parser
 
 

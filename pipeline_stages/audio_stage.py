@@ -1,0 +1,42 @@
+"""The audio stage: 16 kHz mono PCM in (any chunk size), one block of wav2vec2 features out per 0.48 s.
+
+Each block's 7,680 samples are encoded alone, as the reference's live path does, so live audio never
+needs the whole file and the output does not depend on how the PCM was chunked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+from models.audio_encoder import AudioStreamState, StreamingAudioEncoder, Wav2VecAudioEncoder
+
+
+class AudioStage:
+    """PCM -> per-block features ``[1, layers, audio_dim, 12]``, with explicit per-session state."""
+
+    name = "audio"
+
+    def __init__(self, encoder: Wav2VecAudioEncoder):
+        self.streaming = StreamingAudioEncoder(encoder)
+        self.state: AudioStreamState | None = None
+
+    @property
+    def block_samples(self) -> int:
+        return self.streaming.encoder.config.block_samples
+
+    def start_session(self) -> None:
+        self.state = self.streaming.new_state()
+
+    def push(self, pcm: np.ndarray) -> list[Tensor]:
+        """Feed PCM (float32, 16 kHz, mono); returns the blocks completed by it, in order."""
+        if self.state is None:
+            raise RuntimeError("audio: no session started")
+        return [f[None] for f in self.streaming.feed(self.state, pcm)]
+
+    def flush(self) -> list[Tensor]:
+        """Zero-pad and emit the last partial block, if any."""
+        if self.state is None:
+            raise RuntimeError("audio: no session started")
+        last = self.streaming.flush(self.state)
+        return [] if last is None else [last[None]]

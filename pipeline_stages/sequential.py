@@ -1,0 +1,171 @@
+"""The sequential runner: every stage of a lane, in order, in one process.
+
+It is the reference the TPP lane is compared against, and what ``liveavatar generate`` runs without
+``--tpp``. For each completed 0.48 s of audio it runs::
+
+    audio stage -> denoise-0 -> denoise-1 -> denoise-2 -> denoise-3 -> decode -> package
+
+and hands back a :class:`BlockResult` (final latent, latent after each step, frames, MP4 fragment).
+Audio may arrive in any chunk size (a live feed); the output does not depend on the chunking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.generator import GenerationOptions, LeadFn, LiveAvatarGenerator, block_noise
+from models.inputs import prepare_reference, size_for_area
+from models.liveavatar import LiveAvatarModels
+from models.scheduler import FlowMatchScheduler
+from pipeline_stages.audio_stage import AudioStage
+from pipeline_stages.decode_stage import DecodeStage
+from pipeline_stages.denoise_stage import DenoiseStage
+from pipeline_stages.package_stage import PackageConfig, PackageStage
+from pipeline_stages.sink import SinkInputs, encode_sink
+
+
+@dataclass
+class SessionSpec:
+    """What a session is made of: the reference image, a prompt, a seed and the method switches."""
+
+    image_rgb: np.ndarray                 # uint8 [H, W, 3], any size (resized by the area rule)
+    prompt: str = ""
+    seed: int = 0
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    leads: LeadFn | Sequence[int] | None = None
+
+
+@dataclass
+class BlockResult:
+    block_index: int
+    latent: Tensor                        # [1, C, 3, h, w] final latent
+    step_latents: list[Tensor]            # latent after each denoising step
+    frames: Tensor                        # [12, H, W, 3] uint8
+    audio: np.ndarray                     # the block's 7,680 PCM samples (16 kHz)
+    fragment: bytes = b""                 # the block's fMP4 fragment (when packaging)
+
+
+def make_package_stage(width: int, height: int, fps: int, block_frames: int, start_block: int = 0,
+                       tiny: bool = False) -> PackageStage:
+    """A packager for our blocks: every block, the first included, holds ``block_frames`` frames."""
+    base = PackageConfig.tiny() if tiny else PackageConfig()
+    cfg = PackageConfig(**{**base.__dict__, "width": width, "height": height, "fps": fps,
+                           "block_frames": block_frames, "first_block_frames": block_frames})
+    return PackageStage(width, height, fps=fps, config=cfg, start_block=start_block)
+
+
+def output_size(models: LiveAvatarModels, image_rgb: np.ndarray) -> tuple[int, int]:
+    """(H, W) of the video for this image under the configured area rule."""
+    cfg = models.config
+    return size_for_area(image_rgb.shape[0], image_rgb.shape[1], cfg.area, cfg.size_multiple)
+
+
+def prepare_sink(models: LiveAvatarModels, spec: SessionSpec) -> tuple[SinkInputs, tuple[int, int]]:
+    """Resize/crop the reference image, VAE-encode it and encode the prompt (once per session)."""
+    h, w = output_size(models, spec.image_rgb)
+    ref = prepare_reference(spec.image_rgb, h, w)
+    return encode_sink(models.vae, models.text, ref, spec.prompt, models.config.dit.motion_frames), (h, w)
+
+
+class SequentialRunner:
+    """One session at a time through all stages in one process."""
+
+    def __init__(self, models: LiveAvatarModels, package: bool = True):
+        self.models = models
+        self.generator = LiveAvatarGenerator(models.dit, FlowMatchScheduler(models.config.scheduler))
+        self.audio = AudioStage(models.audio)
+        self.denoise = [DenoiseStage(self.generator, i) for i in range(self.generator.num_steps)]
+        self.decode = DecodeStage(models.vae)
+        self.package_enabled = package
+        self.package: PackageStage | None = None
+        self.spec: SessionSpec | None = None
+        self.size: tuple[int, int] | None = None
+        self.sink: SinkInputs | None = None
+        self.next_block = 0
+        self._pcm = np.zeros(0, dtype=np.float32)
+
+    # ---- session ----------------------------------------------------------------------------
+    def start_session(self, spec: SessionSpec) -> bytes:
+        """Prefill every stage; returns the MP4 init segment (empty without packaging)."""
+        self.spec = spec
+        self.sink, self.size = prepare_sink(self.models, spec)
+        self.start_from_sink(self.sink, self.size, spec)
+        return self.package.init_segment() if self.package is not None else b""
+
+    def start_from_sink(self, sink: SinkInputs, size: tuple[int, int], spec: SessionSpec) -> None:
+        self.spec, self.sink, self.size = spec, sink, size
+        for stage in self.denoise:
+            stage.start_session(sink, spec.seed, spec.options, spec.leads)
+        self.decode.start_session(sink.motion_latents)
+        self.audio.start_session()
+        self.next_block = 0
+        self._pcm = np.zeros(0, dtype=np.float32)
+        if self.package_enabled:
+            cfg = self.models.config
+            self.package = make_package_stage(size[1], size[0], cfg.fps, cfg.audio.block_frames,
+                                              tiny=size[0] * size[1] <= 128 * 128)
+
+    # ---- audio in, blocks out ---------------------------------------------------------------
+    def push_audio(self, pcm: np.ndarray) -> list[BlockResult]:
+        """Feed 16 kHz mono float32 PCM; runs and returns every block it completes."""
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        self._pcm = np.concatenate([self._pcm, pcm])
+        return [self._run(feats) for feats in self.audio.push(pcm)]
+
+    def finish(self) -> list[BlockResult]:
+        """Zero-pad the last partial block of audio and run it."""
+        n = self.audio.block_samples
+        partial = len(self._pcm) - self.next_block * n
+        if partial > 0:
+            self._pcm = np.concatenate([self._pcm, np.zeros(n - partial, dtype=np.float32)])
+        return [self._run(feats) for feats in self.audio.flush()]
+
+    def close(self) -> bytes:
+        return self.package.close() if self.package is not None else b""
+
+    def run_block(self, block_index: int, audio_features: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Denoise one block through the 4 stages in order; returns its final latent."""
+        spec = self.spec
+        if noise is None:
+            dit = self.models.dit
+            noise = block_noise(spec.seed, block_index, self.generator.noise_shape(self.denoise[0].session),
+                                dit.dtype, dit.device)
+        x = noise
+        steps = []
+        for stage in self.denoise:
+            x = stage.run(block_index, x, audio_features)
+            steps.append(x)
+        if block_index == 0:
+            for stage in self.denoise:
+                stage.set_anchor(x)
+        self._last_steps = steps
+        return x
+
+    def _run(self, features: Tensor) -> BlockResult:
+        b = self.next_block
+        latent = self.run_block(b, features)
+        frames = self.decode.run(latent)
+        n = self.audio.block_samples
+        audio = self._pcm[b * n:(b + 1) * n]
+        fragment = self.package.push_block(frames.numpy(), audio) if self.package is not None else b""
+        self.next_block += 1
+        return BlockResult(b, latent, list(self._last_steps), frames, audio, fragment)
+
+
+@torch.no_grad()
+def generate_blocks(models: LiveAvatarModels, spec: SessionSpec, pcm: np.ndarray, chunk: int | None = None,
+                    package: bool = False) -> list[BlockResult]:
+    """Convenience: the whole audio through a fresh sequential runner (``chunk`` samples at a time)."""
+    runner = SequentialRunner(models, package=package)
+    runner.start_session(spec)
+    step = chunk or runner.audio.block_samples
+    out = []
+    for i in range(0, len(pcm), step):
+        out.extend(runner.push_audio(pcm[i:i + step]))
+    out.extend(runner.finish())
+    return out

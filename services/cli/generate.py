@@ -1,0 +1,131 @@
+"""``liveavatar generate``: image + audio file -> MP4, streamed block by block as it is made.
+
+Single process by default (the sequential runner); ``--tpp`` runs the same job through a lane of
+5 local processes (4 denoise stages + 1 decode stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+#: Exceptions that are bad input or bad configuration: printed as one line, exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, help="reference image (JPEG, PNG, ...)")
+    p.add_argument("--audio", required=True, help="speech (WAV int16/float, FLAC, OGG, MP3; any rate, mono or stereo)")
+    p.add_argument("--prompt", default="", help="text prompt, encoded once")
+    p.add_argument("--config", default="tiny", help="'tiny', 'reference' or a checkpoint directory (default tiny)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (official layout); default: seeded random")
+    p.add_argument("--lora", default=None, help="PEFT LoRA file (liveavatar.safetensors), merged at load time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 on CPU, bf16 on GPU")
+    p.add_argument("--dump-latents", default=None, help="write every block's final latent to this safetensors file")
+    p.add_argument("--out", required=True, help="output .mp4 (fragmented MP4, H.264 + AAC)")
+    p.add_argument("--tpp", action="store_true", help="run through a 5-process TPP lane")
+    p.add_argument("--max-audio-seconds", type=float, default=3600.0, help="reject longer audio")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="reject larger images")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (results are bit-reproducible "
+                   "for a fixed thread count)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from models.inputs import load_audio, load_image
+    from models.liveavatar import LiveAvatarConfig, build_models
+    from pipeline_stages.sequential import SequentialRunner, SessionSpec
+
+    # 1. inputs first: bad input fails before any model is built
+    image = load_image(Path(args.image).read_bytes() if Path(args.image).is_file() else args.image,
+                       args.max_image_pixels)
+    pcm = load_audio(args.audio, args.max_audio_seconds)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    # 2. models
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = LiveAvatarConfig.load(args.config)
+    t0 = time.monotonic()
+    models = build_models(config, device=device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
+                          lora=args.lora)
+    if models.random_weights:
+        print("note: no checkpoint given, so the weights are SEEDED RANDOM: the video shows structured noise, "
+              "not a talking avatar", file=sys.stderr)
+    spec = SessionSpec(image_rgb=image, prompt=args.prompt, seed=args.seed)
+    block_samples = config.audio.block_samples
+    n_blocks = -(-len(pcm) // block_samples)
+
+    # 3. stream blocks to the file as they are made
+    latents: dict[str, torch.Tensor] = {}
+    frames = 0
+    bar = tqdm(total=n_blocks, unit="block", disable=args.no_progress, file=sys.stderr)
+    with open(out, "wb") as f:
+        if args.tpp:
+            from pipeline_stages.tpp import TPPLane
+
+            lane = TPPLane(config, device=args.device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
+                           lora=args.lora)
+            with lane:
+                t_start = time.monotonic()
+                f.write(lane.start_session(spec))
+                for res in lane.generate(pcm):
+                    f.write(res.fragment)
+                    f.flush()
+                    frames += res.frames.shape[0]
+                    if args.dump_latents:
+                        latents[f"block_{res.block_index:06d}"] = res.latent.float().cpu().contiguous()
+                    bar.update(1)
+                f.write(lane.close_session())
+        else:
+            runner = SequentialRunner(models)
+            t_start = time.monotonic()
+            f.write(runner.start_session(spec))
+            for i in range(0, len(pcm), block_samples):
+                for res in runner.push_audio(pcm[i:i + block_samples]) + (
+                        runner.finish() if i + block_samples >= len(pcm) else []):
+                    f.write(res.fragment)
+                    f.flush()
+                    frames += res.frames.shape[0]
+                    if args.dump_latents:
+                        latents[f"block_{res.block_index:06d}"] = res.latent.float().cpu().contiguous()
+                    bar.update(1)
+            f.write(runner.close())
+    bar.close()
+    elapsed = time.monotonic() - t_start
+    if args.dump_latents:
+        from safetensors.torch import save_file
+
+        save_file(latents, args.dump_latents, metadata={"seed": str(args.seed), "config": str(args.config)})
+
+    # 4. summary
+    video_s = frames / config.fps
+    summary = {
+        "out": str(out), "frames": frames, "blocks": n_blocks, "video_seconds": round(video_s, 2),
+        "audio_seconds": round(len(pcm) / config.audio.sample_rate, 2), "generate_seconds": round(elapsed, 2),
+        "fps": round(frames / elapsed, 2) if elapsed > 0 else None,
+        "real_time_factor": round(video_s / elapsed, 3) if elapsed > 0 else None,
+        "setup_seconds": round(t_start - t0, 2), "random_weights": models.random_weights,
+        "mode": "tpp" if args.tpp else "sequential",
+    }
+    print(json.dumps(summary))
+    return 0
