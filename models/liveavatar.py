@@ -150,10 +150,10 @@ class LiveAvatarModels:
     """The built networks, in eval mode, on one device."""
 
     config: LiveAvatarConfig
-    dit: CausalWanS2V
-    vae: WanVAE
-    audio: Wav2VecAudioEncoder
-    text: TextEncoder
+    dit: CausalWanS2V | None          # None when not built (a process that runs no denoise stage)
+    vae: WanVAE | None
+    audio: Wav2VecAudioEncoder | None
+    text: TextEncoder | None
     random_weights: bool            # True when no checkpoint was loaded (say so to users)
     lora_report: Any = None
 
@@ -172,52 +172,74 @@ def _seeded_init(module: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02).to(p.dtype))
 
 
+ALL_PARTS = frozenset({"dit", "vae", "audio", "text"})
+
+
 def build_models(config: LiveAvatarConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 seed: int = 0, checkpoint: str | Path | None = None, lora: str | Path | None = None
-                 ) -> LiveAvatarModels:
-    """Build the four networks; random seeded weights without ``checkpoint``, else load it (local only)."""
+                 seed: int = 0, checkpoint: str | Path | None = None, lora: str | Path | None = None,
+                 parts: frozenset[str] | set[str] = ALL_PARTS) -> LiveAvatarModels:
+    """Build the networks named in ``parts``; random seeded weights without ``checkpoint``, else load it
+    (local files only). Every part has its own seed, so a process that builds only the DiT gets the same
+    DiT as one that builds everything."""
     device = torch.device(device)
+    unknown = set(parts) - ALL_PARTS
+    if unknown:
+        raise ValueError(f"unknown model parts {sorted(unknown)}; choose from {sorted(ALL_PARTS)}")
     if checkpoint is None:
         if lora is not None:
             raise CheckpointError("a LoRA needs base weights: pass --checkpoint DIR too")
-        dit = CausalWanS2V(config.dit, dtype=torch.float32, device=device)
-        _seeded_init(dit, seed)
-        dit.to(dtype)
-        vae = WanVAE(config.vae).to(device)
-        _seeded_init(vae, seed + 1)
-        audio = Wav2VecAudioEncoder.random(config.audio, seed=seed + 2).to(device)
-        text = TextEncoder.random(config.text, seed=seed + 3)
-        text.model.to(device)
-        return LiveAvatarModels(config, dit.eval(), vae.eval(), audio.eval(), text, random_weights=True)
+        dit = vae = audio = text = None
+        if "dit" in parts:
+            dit = CausalWanS2V(config.dit, dtype=torch.float32, device=device)
+            _seeded_init(dit, seed)
+            dit = dit.to(dtype).eval()
+        if "vae" in parts:
+            vae = WanVAE(config.vae).to(device)
+            _seeded_init(vae, seed + 1)
+            vae = vae.eval()
+        if "audio" in parts:
+            audio = Wav2VecAudioEncoder.random(config.audio, seed=seed + 2).to(device).eval()
+        if "text" in parts:
+            text = TextEncoder.random(config.text, seed=seed + 3)
+            text.model.to(device)
+        return LiveAvatarModels(config, dit, vae, audio, text, random_weights=True)
 
     ckpt = Path(checkpoint)
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {ckpt}")
-    # DiT: build on meta, then assign the loaded tensors (no second copy of the weights).
-    dit = CausalWanS2V(config.dit, dtype=dtype, device="meta")
-    state = load_sharded_safetensors(ckpt, device="cpu")
+    dit = vae = audio = text = None
     lora_report = None
-    if lora is not None:
-        lora_report = merge_lora(state, load_peft_lora(lora))
-    load_state_dict_strict(dit, state, what="DiT", dtype=dtype, device=device)
-    del state
-    vae = WanVAE(config.vae)
-    vae_file = ckpt / VAE_PTH if (ckpt / VAE_PTH).exists() else ckpt / "vae.safetensors"
-    load_state_dict_strict(vae, _load_any(vae_file), what="VAE")
-    if (ckpt / WAV2VEC_DIR).is_dir():
-        audio = Wav2VecAudioEncoder.from_pretrained(ckpt / WAV2VEC_DIR, device=device)
-    else:
-        audio = Wav2VecAudioEncoder.random(config.audio, seed=0)
-        load_state_dict_strict(audio, _load_any(ckpt / "audio_encoder.safetensors"), what="audio encoder")
-        audio.to(device)
-    if (ckpt / T5_PTH).exists():
-        text = TextEncoder.from_pretrained(ckpt / T5_PTH, ckpt / T5_TOKENIZER_DIR, config=config.text, device=device)
-    else:
-        text = TextEncoder.random(config.text, seed=0)
-        load_state_dict_strict(text.model, _load_any(ckpt / "text_encoder.safetensors"), what="text encoder")
-        text.model.to(device)
-    return LiveAvatarModels(config, dit.eval(), vae.to(device).eval(), audio.eval(), text,
-                            random_weights=False, lora_report=lora_report)
+    if "dit" in parts:
+        # build on meta, then assign the loaded tensors (no second copy of the weights)
+        dit = CausalWanS2V(config.dit, dtype=dtype, device="meta")
+        state = load_sharded_safetensors(ckpt, device="cpu")
+        if lora is not None:
+            lora_report = merge_lora(state, load_peft_lora(lora))
+        load_state_dict_strict(dit, state, what="DiT", dtype=dtype, device=device)
+        del state
+        dit = dit.eval()
+    if "vae" in parts:
+        vae = WanVAE(config.vae)
+        vae_file = ckpt / VAE_PTH if (ckpt / VAE_PTH).exists() else ckpt / "vae.safetensors"
+        load_state_dict_strict(vae, _load_any(vae_file), what="VAE")
+        vae = vae.to(device).eval()
+    if "audio" in parts:
+        if (ckpt / WAV2VEC_DIR).is_dir():
+            audio = Wav2VecAudioEncoder.from_pretrained(ckpt / WAV2VEC_DIR, device=device)
+        else:
+            audio = Wav2VecAudioEncoder.random(config.audio, seed=0)
+            load_state_dict_strict(audio, _load_any(ckpt / "audio_encoder.safetensors"), what="audio encoder")
+            audio.to(device)
+        audio = audio.eval()
+    if "text" in parts:
+        if (ckpt / T5_PTH).exists():
+            text = TextEncoder.from_pretrained(ckpt / T5_PTH, ckpt / T5_TOKENIZER_DIR, config=config.text,
+                                               device=device)
+        else:
+            text = TextEncoder.random(config.text, seed=0)
+            load_state_dict_strict(text.model, _load_any(ckpt / "text_encoder.safetensors"), what="text encoder")
+            text.model.to(device)
+    return LiveAvatarModels(config, dit, vae, audio, text, random_weights=False, lora_report=lora_report)
 
 
 def _load_any(path: Path) -> dict[str, torch.Tensor]:

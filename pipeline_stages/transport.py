@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-MAX_TENSORS = 4
+MAX_TENSORS = 6
 MAX_DIMS = 5
 _TENSOR_SLOTS = 2 + MAX_DIMS  # dtype code, ndim, dims
 HEADER_LEN = 5 + MAX_TENSORS * _TENSOR_SLOTS
@@ -46,14 +46,29 @@ class MsgKind(enum.IntEnum):
     SESSION_END = 3    # the session is over: drain, reset caches
     ANCHOR = 4         # the re-anchored sink latent (decode rank -> denoise ranks)
     SHUTDOWN = 5       # stop the lane
+    HEARTBEAT = 6      # nothing to do yet: proves the upstream ranks are alive while a session idles
 
 
-class LinkTimeout(RuntimeError):
+class LinkError(RuntimeError):
+    """The link to ``peer`` failed: the peer is dead or hung."""
+
+    def __init__(self, peer: int, message: str):
+        super().__init__(message)
+        self.peer = peer
+
+
+class LinkTimeout(LinkError):
     """A peer did not send or receive within the timeout: it is dead or hung."""
 
     def __init__(self, peer: int, what: str, timeout_s: float):
-        super().__init__(f"rank {peer} did not complete {what} within {timeout_s:.1f} s")
-        self.peer = peer
+        super().__init__(peer, f"rank {peer} did not complete {what} within {timeout_s:.1f} s")
+
+
+class LinkClosed(LinkError):
+    """The peer's end of the connection closed: it exited or crashed."""
+
+    def __init__(self, peer: int, what: str):
+        super().__init__(peer, f"rank {peer} closed the connection while we waited for {what}")
 
 
 @dataclass(frozen=True)
@@ -153,6 +168,9 @@ class Link:
             else:
                 work.wait(timeout)
         except RuntimeError as exc:
-            if "Timed out" in str(exc) or "timeout" in str(exc).lower():
+            text = str(exc)
+            if "Timed out" in text or "timeout" in text.lower():
                 raise LinkTimeout(peer, what, timeout.total_seconds()) from exc
+            if "Connection closed by peer" in text or "Connection reset" in text:
+                raise LinkClosed(peer, what) from exc
             raise

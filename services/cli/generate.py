@@ -37,11 +37,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline_stages.tpp import LaneError
+
     try:
         return _run(args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LaneError as exc:
+        print(f"error: the TPP lane failed: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -66,9 +71,8 @@ def _run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = LiveAvatarConfig.load(args.config)
     t0 = time.monotonic()
-    models = build_models(config, device=device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
-                          lora=args.lora)
-    if models.random_weights:
+    random_weights = args.checkpoint is None
+    if random_weights:
         print("note: no checkpoint given, so the weights are SEEDED RANDOM: the video shows structured noise, "
               "not a talking avatar", file=sys.stderr)
     spec = SessionSpec(image_rgb=image, prompt=args.prompt, seed=args.seed)
@@ -84,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
             from pipeline_stages.tpp import TPPLane
 
             lane = TPPLane(config, device=args.device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
-                           lora=args.lora)
+                           lora=args.lora, threads_per_rank=args.threads or 1)
             with lane:
                 t_start = time.monotonic()
                 f.write(lane.start_session(spec))
@@ -97,6 +101,8 @@ def _run(args: argparse.Namespace) -> int:
                     bar.update(1)
                 f.write(lane.close_session())
         else:
+            models = build_models(config, device=device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
+                                  lora=args.lora)
             runner = SequentialRunner(models)
             t_start = time.monotonic()
             f.write(runner.start_session(spec))
@@ -124,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         "audio_seconds": round(len(pcm) / config.audio.sample_rate, 2), "generate_seconds": round(elapsed, 2),
         "fps": round(frames / elapsed, 2) if elapsed > 0 else None,
         "real_time_factor": round(video_s / elapsed, 3) if elapsed > 0 else None,
-        "setup_seconds": round(t_start - t0, 2), "random_weights": models.random_weights,
+        "setup_seconds": round(t_start - t0, 2), "random_weights": random_weights,
         "mode": "tpp" if args.tpp else "sequential",
     }
     print(json.dumps(summary))

@@ -25,7 +25,8 @@ def cli(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_generate_writes_a_playable_mp4_and_the_latents_of_the_in_process_run(shared_examples, tmp_path):
+@pytest.mark.parametrize("mode", ["sequential", "tpp"])
+def test_generate_writes_a_playable_mp4_and_the_latents_of_the_in_process_run(mode, shared_examples, tmp_path):
     image, audio = shared_examples / "music_producer.jpg", shared_examples / "music_producer.wav"
     pcm = load_audio(str(audio), 60)[: 16000 * 3]          # 3 s keeps the test short
     clip = tmp_path / "clip.wav"
@@ -33,10 +34,13 @@ def test_generate_writes_a_playable_mp4_and_the_latents_of_the_in_process_run(sh
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
         w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
     out, lat = tmp_path / "out.mp4", tmp_path / "lat.safetensors"
-    r = cli("--image", str(image), "--audio", str(clip), "--seed", "3", "--threads", "1", "--out", str(out), "--dump-latents", str(lat))
+    extra = ["--tpp"] if mode == "tpp" else []
+    r = cli("--image", str(image), "--audio", str(clip), "--seed", "3", "--threads", "1", "--out", str(out),
+            "--dump-latents", str(lat), *extra)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["blocks"] == 7 and summary["frames"] == 84 and summary["random_weights"] is True
+    assert summary["mode"] == mode
     assert "SEEDED RANDOM" in r.stderr
 
     probe = json.loads(subprocess.run(
@@ -47,7 +51,8 @@ def test_generate_writes_a_playable_mp4_and_the_latents_of_the_in_process_run(sh
     assert streams["audio"]["codec_name"] == "aac"
     assert abs(float(probe["format"]["duration"]) - 3.0) <= 0.48
 
-    # the dumped latents equal an in-process run on the same (resampled) inputs and seed
+    # the dumped latents equal an in-process sequential run on the same (resampled) inputs and seed
+    torch.set_num_threads(1)
     models = build_models(LiveAvatarConfig.tiny(), seed=3)
     pcm16 = load_audio(str(clip), 60)
     blocks = generate_blocks(models, SessionSpec(load_image(str(image), 50_000_000), "", seed=3), pcm16)

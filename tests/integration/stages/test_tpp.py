@@ -1,0 +1,120 @@
+"""The TPP lane: 5 real processes over gloo equal the sequential runner; failures are named and bounded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from models.generator import GenerationOptions
+from models.inputs import load_audio, load_image
+from models.liveavatar import LiveAvatarConfig, build_models
+from pipeline_stages.sequential import SessionSpec, generate_blocks
+from pipeline_stages.tpp import LaneError, TPPLane
+
+pytestmark = pytest.mark.integration
+
+CFG = LiveAvatarConfig.tiny()
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_examples):
+    image = load_image(str(shared_examples / "cyclops_baker.jpg"), 50_000_000)
+    pcm = load_audio(str(shared_examples / "cyclops_baker.wav"), 60)
+    return image, pcm
+
+
+@pytest.fixture(scope="module")
+def sequential_models():
+    return build_models(CFG, seed=0)
+
+
+def _pids_gone(pids, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().split(") ", 1)[1][0] != "Z":
+                        alive.append(pid)
+            except (ProcessLookupError, FileNotFoundError):
+                pass
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_tpp_equals_sequential_bit_for_bit_across_sessions_and_live_feed(inputs, sequential_models):
+    """10 blocks (ring wrap at block 4, sink re-anchored at block 4), then a second session on the same lane
+    fed live in small chunks, then a session with re-anchoring off and explicit sink leads."""
+    torch.set_num_threads(1)
+    image, pcm = inputs
+    first = SessionSpec(image, "a baker", seed=5)
+    second = SessionSpec(image[::-1].copy(), "", seed=6)
+    third = SessionSpec(image, "", seed=7, options=GenerationOptions(reanchor=False), leads=[4, 30, 17, 9] * 30)
+    audio1, audio2, audio3 = pcm[:7680 * 10], pcm[7680 * 3:7680 * 9 + 500], pcm[:7680 * 6]
+    with TPPLane(CFG, timeout_s=30) as lane:
+        lane.start_session(first)
+        tpp1 = list(lane.generate(audio1))
+        lane.close_session()
+        lane.start_session(second)
+        tpp2 = []
+        for i in range(0, len(audio2), 1600):             # 0.1 s chunks arriving in real time
+            tpp2 += lane.push_audio(audio2[i:i + 1600])
+            time.sleep(0.1)
+        tpp2 += lane.finish()
+        lane.close_session()
+        lane.start_session(third)
+        tpp3 = list(lane.generate(audio3))
+        lane.close_session()
+        pids = [p.pid for p in lane.procs]
+    assert _pids_gone(pids)
+    for spec, audio, got in ((first, audio1, tpp1), (second, audio2, tpp2), (third, audio3, tpp3)):
+        want = generate_blocks(sequential_models, spec, audio)
+        assert [r.block_index for r in got] == list(range(len(want)))
+        for a, b in zip(got, want):
+            assert torch.equal(a.latent, b.latent), f"block {a.block_index} differs"
+            assert torch.equal(a.frames, b.frames)
+    assert len(tpp1) == 10 and len(tpp2) == 7
+
+
+@pytest.mark.parametrize("victim,how", [(2, "kill"), (1, "stop"), (4, "kill")])
+def test_a_dead_or_hung_stage_ends_the_run_with_its_name(inputs, victim, how):
+    image, pcm = inputs
+    names = {1: "denoise-1", 2: "denoise-2", 4: "decode"}
+    lane = TPPLane(CFG, timeout_s=6, heartbeat_s=0.5)
+    lane.start()
+    pids = [p.pid for p in lane.procs]
+    try:
+        lane.start_session(SessionSpec(image, "", seed=1))
+        got = lane.push_audio(pcm[:7680 * 2])
+        while len(got) < 2:                   # blocks 0 and 1 done
+            got += lane.collect(block=True)
+        os.kill(pids[victim], signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(LaneError) as err:
+            for i in range(2, 40):
+                lane.push_audio(pcm[7680 * i:7680 * (i + 1)])
+                time.sleep(0.05)
+            lane.finish()
+        waited = time.monotonic() - t0
+    finally:
+        lane.stop(graceful=False)
+        if how == "stop":
+            try:
+                os.kill(pids[victim], signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert names[victim] in str(err.value), str(err.value)
+    assert "block" in str(err.value)
+    assert waited < 6 * 3 + 5, waited        # bounded by the timeouts, never a silent hang
+    assert _pids_gone(pids), "a rank process was left behind"
+    assert len(got) == 2
+    assert not np.isnan(got[0].frames.float().numpy()).any()
