@@ -185,9 +185,10 @@ class LiveAvatarGenerator:
         return self.config.kv_cache_blocks if rb is None else rb
 
     def reanchor_due(self, session: GeneratorSession, block_index: int) -> bool:
-        """True when the sink must be re-anchored before ``block_index`` (once, at one clip)."""
+        """True when the sink must be re-anchored before ``block_index``: once, at the first block of the
+        second clip or later (a session resumed past that point re-anchors at its first block)."""
         return (session.options.reanchor and not session.reanchored
-                and block_index == self.reanchor_block(session))
+                and block_index >= self.reanchor_block(session))
 
     def prepare_block(self, session: GeneratorSession, block_index: int) -> bool:
         """Re-anchor the sink if it is due before this block; returns whether it happened.

@@ -61,6 +61,10 @@ from pipeline_stages.transport import TAG_ANCHOR, Header, Link, LinkError, MsgKi
 # ---------------------------------------------------------------------------------------------
 
 
+#: Header flag of a BLOCK that only re-warms the caches after a restart: its frames are not emitted.
+FLAG_REPLAY = 1
+
+
 @dataclass
 class StartSession:
     session_no: int
@@ -68,6 +72,8 @@ class StartSession:
     sink: SinkInputs
     options: GenerationOptions = dataclasses.field(default_factory=GenerationOptions)
     leads: list[int] | None = None
+    anchor: torch.Tensor | None = None   # a resumed session's re-anchored latent [1, C, 1, h, w], if known
+    tag: str = ""                        # opaque session label the decoder hands back (e.g. the session id)
 
 
 @dataclass
@@ -75,6 +81,8 @@ class Block:
     session_no: int
     block_index: int
     audio: torch.Tensor              # [1, layers, audio_dim, 12]
+    pcm: torch.Tensor | None = None  # [7680] float32: travels to the decoder with the block (for packaging)
+    replay: bool = False             # re-warm caches only (after a restart); not emitted
 
 
 @dataclass
@@ -93,11 +101,21 @@ class BlockDone:
     block_index: int
     latent: torch.Tensor             # [1, C, 3, h, w]
     frames: torch.Tensor             # [12, H, W, 3] uint8
+    pcm: torch.Tensor | None = None  # the block's PCM, when the source sent it
+
+
+@dataclass
+class AnchorReady:
+    """The decoder has the session's re-anchored latent (so a restart can resume past block 4)."""
+
+    session_no: int
+    latent: torch.Tensor             # [1, C, 1, h, w]
 
 
 @dataclass
 class SessionStarted:
     session_no: int
+    tag: str = ""
 
 
 @dataclass
@@ -261,21 +279,24 @@ def _denoise_loop(spec: RankSpec, models, source: LaneSource | None, report: Rep
         kind = header.kind
         if kind == MsgKind.SESSION_START:
             ref, motion, text, meta = tensors[:4]
-            leads = tensors[4].tolist() if len(tensors) > 4 else None
+            extra = _start_extras(header, tensors)
             session_no = header.session_no
             seed, options = _options_from_meta(meta)
-            stage.start_session(SinkInputs(ref, motion, text), seed, options, leads)
+            stage.start_session(SinkInputs(ref, motion, text), seed, options, extra.get("leads"))
             last_block, anchor_taken = -1, False
+            if "anchor" in extra:          # a resumed session: the anchor is known already
+                stage.set_anchor(extra["anchor"])
+                anchor_taken = True
         elif kind == MsgKind.BLOCK:
             b = header.block_index
             if header.session_no != session_no:
                 raise _StageFailed(f"block of session {header.session_no} while serving {session_no}", b)
             if stage.needs_anchor(b):
                 take_anchor()
-            x, audio = tensors
+            x, audio, *pcm = tensors
             if spec.rank == 0:
                 x = block_noise(seed, b, generator.noise_shape(stage.session), models.dit.dtype, models.dit.device)
-            tensors = [stage.run(b, x, audio), audio]
+            tensors = [stage.run(b, x, audio), audio, *pcm]
             last_block = b
         elif kind == MsgKind.SESSION_END:
             # an anchor was sent after block 0 but never needed (session shorter than one clip): drain it
@@ -283,7 +304,7 @@ def _denoise_loop(spec: RankSpec, models, source: LaneSource | None, report: Rep
                 take_anchor()
             stage.end_session()
         if kind == MsgKind.BLOCK and down == decode_rank:
-            tensors = tensors[:1]          # the decoder needs the latent, not the audio features
+            tensors = [tensors[0], *tensors[2:]]   # the decoder needs the latent (and PCM), not the features
         fwd.send(down, Header(kind, header.session_no, header.block_index, header.flags), tensors)
         last_sent = time.monotonic()
         report.put(("progress", spec.rank, header.block_index if kind == MsgKind.BLOCK else -1))
@@ -293,16 +314,40 @@ def _denoise_loop(spec: RankSpec, models, source: LaneSource | None, report: Rep
             return
 
 
+#: SESSION_START flags saying which optional tensors follow [ref, motion, text, meta].
+START_HAS_LEADS, START_HAS_ANCHOR, START_HAS_TAG = 1, 2, 4
+
+
+def _start_extras(header: Header, tensors: list[torch.Tensor]) -> dict[str, Any]:
+    extra, rest = {}, list(tensors[4:])
+    if header.flags & START_HAS_LEADS:
+        extra["leads"] = rest.pop(0).tolist()
+    if header.flags & START_HAS_ANCHOR:
+        extra["anchor"] = rest.pop(0)
+    if header.flags & START_HAS_TAG:
+        extra["tag"] = bytes(rest.pop(0).cpu().tolist()).decode()
+    return extra
+
+
 def _to_wire(item) -> tuple[Header, list[torch.Tensor]]:
     """Rank 0: a source item -> the header and tensors it forwards."""
     if isinstance(item, StartSession):
-        t = [*item.sink.tensors(), _meta_tensor(item)]
+        t, flags = [*item.sink.tensors(), _meta_tensor(item)], 0
         if item.leads is not None:
             t.append(torch.tensor(item.leads, dtype=torch.int64))
-        return Header(MsgKind.SESSION_START, item.session_no), t
+            flags |= START_HAS_LEADS
+        if item.anchor is not None:
+            t.append(item.anchor)
+            flags |= START_HAS_ANCHOR
+        if item.tag:
+            t.append(torch.tensor(list(item.tag.encode()), dtype=torch.uint8))
+            flags |= START_HAS_TAG
+        return Header(MsgKind.SESSION_START, item.session_no, flags=flags), t
     if isinstance(item, Block):
         # rank 0 draws the block's noise itself; the first tensor slot is a placeholder
-        return Header(MsgKind.BLOCK, item.session_no, item.block_index), [torch.zeros(1), item.audio]
+        pcm = [] if item.pcm is None else [item.pcm]
+        return (Header(MsgKind.BLOCK, item.session_no, item.block_index, FLAG_REPLAY if item.replay else 0),
+                [torch.zeros(1), item.audio, *pcm])
     if isinstance(item, EndSession):
         return Header(MsgKind.SESSION_END, item.session_no), []
     if isinstance(item, Shutdown):
@@ -322,16 +367,21 @@ def _decode_loop(spec: RankSpec, models, output: LaneOutput, report: Reporter) -
         h = m.header
         if h.kind == MsgKind.SESSION_START:
             _, motion, _, meta = m.tensors[:4]
-            reanchor = _options_from_meta(meta)[1].reanchor
+            extra = _start_extras(h, m.tensors)
+            # a resumed session that already has its anchor must not send a new one
+            reanchor = _options_from_meta(meta)[1].reanchor and "anchor" not in extra
             stage.start_session(motion)
-            output.put(SessionStarted(h.session_no))
+            output.put(SessionStarted(h.session_no, extra.get("tag", "")))
         elif h.kind == MsgKind.BLOCK:
-            latent = m.tensors[0]
+            latent, *pcm = m.tensors
             if h.block_index == 0 and reanchor:
                 for r in range(spec.steps):     # async: the denoise ranks take it when they need it
                     anchor.send(r, Header(MsgKind.ANCHOR, h.session_no, 0), [latent[:, :, :1]])
+                output.put(AnchorReady(h.session_no, latent[:, :, :1].cpu()))
             frames = stage.run(latent)
-            output.put(BlockDone(h.session_no, h.block_index, latent.cpu(), frames.cpu()))
+            if not h.flags & FLAG_REPLAY:
+                output.put(BlockDone(h.session_no, h.block_index, latent.cpu(), frames.cpu(),
+                                     pcm[0].cpu() if pcm else None))
         elif h.kind == MsgKind.SESSION_END:
             stage.end_session()
             output.put(SessionEnded(h.session_no))
