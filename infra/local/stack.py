@@ -40,6 +40,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int, start: int = 20000, end: int = 60000) -> int:
+    """A base port such that base .. base+n-1 are all free on loopback (for one port per lane rank)."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(start, end - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((LOOPBACK, p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise StackError(f"no block of {n} free ports found")
+
+
 def pid_alive(pid: int) -> bool:
     """True while a process with this pid exists and is not a zombie."""
     try:

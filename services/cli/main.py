@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from infra.local.stack import LocalStack, StackError, default_run_dir
 from services.common.logging import configure_logging
@@ -44,6 +45,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from services.cli import stack_cmd
+
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
+    res = stack_cmd.up(run_dir, lanes=args.lanes, timeout_s=args.timeout)
+    info = res["infra"]
+    print(f"broker          kafka://{info.kafka_bootstrap}")
+    print(f"redis           {info.redis_url}")
+    for name, s in res["services"].items():
+        if name == "session-api":
+            print(f"session API     http://127.0.0.1:{s['ports'][0]}")
+        else:
+            print(f"{name:15s} ready (health on {', '.join(map(str, s['ports']))})")
+    if "session-api" not in res["services"]:
+        print("session API     not built yet (issue 6)")
+    print(f"run dir         {info.run_dir}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from services.cli import stack_cmd
+
+    return stack_cmd.print_status(Path(args.run_dir) if args.run_dir else default_run_dir())
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from services.cli import stack_cmd
+
+    stopped = stack_cmd.down(Path(args.run_dir) if args.run_dir else default_run_dir())
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from services.cli import generate
 
@@ -72,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", default=None, help="folder of example images and WAVs")
     p.add_argument("--out-dir", default="out", help="where the demo writes its outputs")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("up", help="start the whole local stack (broker, Redis, services, lanes) in the background")
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--lanes", type=int, default=1, help="number of lanes (5 processes each)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    p.set_defaults(func=_cmd_up)
+    p = sub.add_parser("status", help="health of every service of the local stack (exit 1 if any is down)")
+    p.add_argument("--run-dir", default=None)
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("down", help="stop everything `up` started")
+    p.add_argument("--run-dir", default=None)
+    p.set_defaults(func=_cmd_down)
 
     from services.cli import generate
 

@@ -1,0 +1,271 @@
+"""The audio-encoder service: session inputs in (topic ``audio``), per-block features out to the session's lane.
+
+Per session, in the order the events arrive on its partition:
+
+- ``start``: encode the sink once (reference image -> VAE latents, prompt -> umT5), store it in Redis,
+  claim an idle lane, and send a ``start`` marker to that lane's partition of ``audio-features``;
+- ``pcm`` chunk ``seq``: append to the session's PCM; every completed 7,680-sample block becomes one
+  ``block`` message (features + the block's PCM) with a monotonic block index;
+- ``end``: zero-pad and send the last partial block, then an ``end`` marker.
+
+Idempotence and restart: after each chunk the features are flushed to Kafka *first*, then the
+session's cursor (last chunk seq, pending partial-block PCM, last block index) is written to Redis.
+A restarted encoder re-reads un-committed chunks: those at or below the cursor are dropped as
+duplicates, and the pending PCM is restored, so every block is produced once with the same content
+(a crash between flush and cursor write re-produces identical blocks, which the lane drops).
+
+The session API never imports torch, so the sink is encoded here: this service holds the encoders
+(wav2vec2, the VAE encoder and umT5).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from infra import topics
+from models.inputs import InputError, load_image
+from models.liveavatar import LiveAvatarConfig, build_models
+from pipeline_stages.sequential import SessionSpec as _Spec
+from pipeline_stages.sequential import prepare_sink
+from services.common.health import ACTIVE_SESSIONS, BLOCK_LATENCY, BLOCKS, DUPLICATES, HealthServer
+from services.common.kafka import make_consumer, make_producer
+from services.common.logging import get_logger
+from services.common.messages import AudioIn, Features, Tensor, WireError, decode, encode, tensor_from_torch
+from services.common.redis_state import StateStore
+from services.common.worker import GracefulStop, WorkerSettings, update_lag
+
+SERVICE = "audio-encoder"
+log = get_logger(SERVICE)
+
+
+class AudioEncoderSettings(WorkerSettings):
+    backend: str = "torch"                     # torch | triton
+    triton_url: str = "127.0.0.1:8000"
+    lane_pool: str = ""                        # claim lanes of this pool only ("" = any)
+    max_image_pixels: int = 40_000_000
+    group_id: str = "audio-encoder"
+
+
+@dataclass
+class SessionCtx:
+    session_id: str
+    tenant_id: str
+    lane: str = ""
+    partition: int = -1
+    last_seq: int = -1                          # last audio chunk handled
+    next_block: int = 0
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))   # PCM of the partial block
+    waiting: list = field(default_factory=list)  # events held while no lane is free
+
+
+class AudioEncoderWorker:
+    def __init__(self, settings: AudioEncoderSettings):
+        self.s = settings
+        torch.set_num_threads(settings.threads)
+        self.config = LiveAvatarConfig.load(settings.model)
+        self.models = build_models(self.config, seed=settings.weights_seed, checkpoint=settings.checkpoint,
+                                   parts={"audio", "vae", "text"})
+        self.backend = self._make_backend()
+        self.block_samples = self.config.audio.block_samples
+        self.store = StateStore.from_url(settings.redis_url.get_secret_value(), namespace=settings.redis_namespace)
+        self.producer = make_producer(settings.kafka_bootstrap)
+        self.consumer = make_consumer(settings.kafka_bootstrap, settings.group_id, [topics.name(topics.AUDIO)],
+                                      max_poll_records=64)
+        self.sessions: dict[str, SessionCtx] = {}
+        self.stop = GracefulStop()
+        self.ready = False
+
+    def _make_backend(self):
+        try:
+            from services.audio_encoder.backends import make_backend
+        except ImportError:     # the backends module is optional at import time in a partial checkout
+            make_backend = None
+        if make_backend is not None:
+            return make_backend(self.s.backend, encoder=self.models.audio, url=self.s.triton_url)
+        if self.s.backend != "torch":
+            raise RuntimeError(f"backend {self.s.backend!r} is not available")
+        return _TorchBlocks(self.models.audio)
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.stop.install()
+        health = HealthServer(self.s.health_host, self.s.health_port, lambda: self.ready, SERVICE).start()
+        log.info("started", health_port=health.port, backend=self.s.backend)
+        try:
+            while not self.stop.stopping:
+                batch = self.consumer.poll(timeout_ms=self.s.poll_ms)
+                self.ready = True
+                for _tp, records in batch.items():
+                    for rec in records:
+                        self._handle_raw(rec.value)
+                self._retry_waiting()
+                if batch:
+                    self.producer.flush()
+                    self.consumer.commit()
+                update_lag(self.consumer, SERVICE)
+                ACTIVE_SESSIONS.labels(SERVICE).set(len(self.sessions))
+        finally:
+            log.info("stopping: draining")
+            self.producer.flush()
+            try:
+                self.consumer.commit()
+            finally:
+                self.consumer.close()
+                self.producer.close()
+                health.stop()
+
+    def _handle_raw(self, raw: bytes) -> None:
+        try:
+            msg = decode(raw)
+        except WireError as exc:
+            log.warning("dropped undecodable message", error=str(exc))
+            return
+        h = msg.header
+        if not isinstance(h, AudioIn):
+            log.warning("dropped a message of the wrong topic", topic=h.topic)
+            return
+        ctx = self._ctx(h)
+        if h.seq <= ctx.last_seq:
+            DUPLICATES.labels(SERVICE).inc()
+            return
+        if not ctx.lane and h.kind != "start":
+            ctx.waiting.append(msg)            # the lane is not assigned yet: keep the order
+            return
+        self._dispatch(ctx, msg)
+
+    def _dispatch(self, ctx: SessionCtx, msg) -> None:
+        h = msg.header
+        if h.kind == "start":
+            self._start(ctx, h)
+        elif h.kind == "pcm":
+            pcm = msg.tensors["pcm"].numpy().astype(np.float32, copy=False)
+            self._pcm(ctx, pcm, h.seq)
+        elif h.kind == "end":
+            self._end(ctx, h.seq)
+        else:                                  # end_utterance / interrupt: nothing to encode
+            self._checkpoint(ctx, h.seq)
+
+    def _ctx(self, h: AudioIn) -> SessionCtx:
+        ctx = self.sessions.get(h.session_id)
+        if ctx is not None:
+            return ctx
+        ctx = SessionCtx(h.session_id, h.tenant_id)
+        cur = self.store.get_cursor(h.session_id)          # restart: resume from the cursor
+        if cur:
+            ctx.last_seq = int(cur.get("audio_seq", -1))
+            ctx.next_block = int(cur.get("features_block", -1)) + 1
+            ctx.pending = np.frombuffer(cur.get("audio_pending", b""), dtype="<f4").copy()
+        rec = self.store.get_session(h.session_id)
+        if rec is not None and rec.lane:
+            info = self.store.get_lane(rec.lane)
+            if info is not None and info.get("session") == h.session_id:
+                ctx.lane, ctx.partition = rec.lane, int(info["partition"])
+        self.sessions[h.session_id] = ctx
+        return ctx
+
+    # ---- events --------------------------------------------------------------------------------
+    def _start(self, ctx: SessionCtx, h: AudioIn) -> None:
+        opts = h.options or {}
+        if self.store.get_sink(ctx.session_id) is None:
+            image = self.store.get_image(ctx.session_id)
+            try:
+                if image is None:
+                    raise InputError("the session's reference image is missing or expired")
+                rgb = load_image(image, self.s.max_image_pixels)
+                with torch.no_grad():
+                    sink, (height, width) = prepare_sink(self.models, _Spec(rgb, str(opts.get("prompt", ""))))
+            except (InputError, ValueError) as exc:
+                self.store.update_session(ctx.session_id, state="failed", error=str(exc))
+                log.warning("session failed at start", session_id=ctx.session_id, tenant_id=ctx.tenant_id,
+                            error=str(exc))
+                self._checkpoint(ctx, h.seq)
+                return
+            tensors = {"ref": tensor_from_torch(sink.ref_latent), "motion": tensor_from_torch(sink.motion_latents),
+                       "text": tensor_from_torch(sink.text_context)}
+            self.store.put_sink(ctx.session_id, tensors, h)
+            self.store.update_session(ctx.session_id, height=height, width=width)
+        self._checkpoint(ctx, h.seq)
+        if not ctx.lane:
+            self._assign(ctx)
+
+    def _assign(self, ctx: SessionCtx) -> bool:
+        lane = self.store.claim_lane(ctx.session_id, self.s.lane_pool)
+        if lane is None:
+            self.store.update_session(ctx.session_id, state="waiting")
+            return False
+        info = self.store.get_lane(lane) or {}
+        ctx.lane, ctx.partition = lane, int(info.get("partition", -1))
+        self.store.update_session(ctx.session_id, state="active", lane=lane)
+        self._send(ctx, Features(session_id=ctx.session_id, tenant_id=ctx.tenant_id, seq=-1, kind="start",
+                                 lane_id=lane))
+        self.producer.flush()
+        log.info("session assigned", session_id=ctx.session_id, tenant_id=ctx.tenant_id, lane=lane)
+        return True
+
+    def _retry_waiting(self) -> None:
+        for ctx in list(self.sessions.values()):
+            if not ctx.lane and (ctx.waiting or self.store.get_sink(ctx.session_id) is not None):
+                if self._assign(ctx):
+                    held, ctx.waiting = ctx.waiting, []
+                    for msg in held:
+                        self._dispatch(ctx, msg)
+
+    def _pcm(self, ctx: SessionCtx, pcm: np.ndarray, seq: int) -> None:
+        ctx.pending = np.concatenate([ctx.pending, pcm])
+        n = self.block_samples
+        while len(ctx.pending) >= n:
+            self._block(ctx, ctx.pending[:n])
+            ctx.pending = ctx.pending[n:]
+        self.producer.flush()                  # features durable before the cursor moves
+        self._checkpoint(ctx, seq)
+
+    def _block(self, ctx: SessionCtx, pcm: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        feats = self.backend.encode_block(pcm)                           # [L, D, 12]
+        BLOCK_LATENCY.labels(SERVICE, "audio").observe(time.perf_counter() - t0)
+        BLOCKS.labels(SERVICE, "audio").inc()
+        header = Features(session_id=ctx.session_id, tenant_id=ctx.tenant_id, seq=ctx.next_block, kind="block",
+                          lane_id=ctx.lane)
+        self._send(ctx, header, {"features": Tensor.from_numpy(np.asarray(feats, np.float32)[None]),
+                                 "pcm": Tensor.from_numpy(np.ascontiguousarray(pcm, np.float32))})
+        ctx.next_block += 1
+
+    def _end(self, ctx: SessionCtx, seq: int) -> None:
+        if len(ctx.pending):
+            pad = np.zeros(self.block_samples - len(ctx.pending), np.float32)
+            self._block(ctx, np.concatenate([ctx.pending, pad]))
+            ctx.pending = np.zeros(0, np.float32)
+        self._send(ctx, Features(session_id=ctx.session_id, tenant_id=ctx.tenant_id, seq=ctx.next_block,
+                                 kind="end", lane_id=ctx.lane))
+        self.producer.flush()
+        self._checkpoint(ctx, seq)
+        self.sessions.pop(ctx.session_id, None)
+
+    def _send(self, ctx: SessionCtx, header: Features, tensors: dict | None = None) -> None:
+        self.producer.send(topics.name(topics.AUDIO_FEATURES), key=ctx.session_id.encode(),
+                           value=encode(header, tensors), partition=ctx.partition)
+
+    def _checkpoint(self, ctx: SessionCtx, seq: int) -> None:
+        ctx.last_seq = seq
+        self.store.set_cursor(ctx.session_id, audio_seq=seq, features_block=ctx.next_block - 1,
+                              audio_pending=ctx.pending.astype("<f4").tobytes())
+
+
+class _TorchBlocks:
+    """In-process fallback backend: the wav2vec2 encoder on this process's device."""
+
+    name = "torch"
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def encode_block(self, pcm: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.encoder.encode_block(torch.from_numpy(np.ascontiguousarray(pcm))).float().numpy()
+
+    def close(self) -> None:
+        pass

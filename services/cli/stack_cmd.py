@@ -1,0 +1,145 @@
+"""``liveavatar up | status | down``: the whole local stack as local processes.
+
+``up`` starts the broker and Redis (``infra/local``), creates the topics, then starts the service
+supervisor (audio-encoder, stream-packager, ``--lanes N`` lanes of 5 processes each, and the session
+API when it is built) and returns once every service answers ``/readyz``. Logs and pid files live in
+one run directory. ``status`` lists every service with its health and exits non-zero if any is down;
+``down`` stops everything ``up`` started and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from infra import topics
+from infra.local.stack import LOOPBACK, LocalStack, StackError, pid_alive, stop_pid
+from services.cli.supervisor import SERVICES_FILE
+from services.common.kafka import ensure_topics
+
+SUPERVISOR_PID = "supervisor.pid"
+
+
+def _probe(port: int, path: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}{path}", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def services_info(run_dir: Path) -> dict:
+    f = run_dir / SERVICES_FILE
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def service_status(run_dir: Path) -> dict[str, dict]:
+    out = {}
+    for name, svc in services_info(run_dir).items():
+        paths = "/healthz" if name == "session-api" else "/readyz"
+        ready = [_probe(p, paths) for p in svc["health_ports"]]
+        out[name] = {"pid": svc["pid"], "alive": pid_alive(svc["pid"]), "ready": all(ready),
+                     "ports": svc["health_ports"], "restarts": svc["restarts"], "log": svc["log"]}
+    return out
+
+
+def up(run_dir: Path, lanes: int = 1, timeout_s: float = 300.0, api: bool | None = None,
+       env: dict[str, str] | None = None) -> dict:
+    """Start everything; returns {"infra": StackInfo, "services": status}. Idempotent if already up."""
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stack = LocalStack(run_dir)
+    info = stack.up()
+    ensure_topics(info.kafka_bootstrap, topics.all_topics())
+    pid_file = run_dir / SUPERVISOR_PID
+    if pid_file.exists() and pid_alive(int(pid_file.read_text())):
+        return {"infra": info, "services": service_status(run_dir)}
+    if api is None:
+        api = _api_built()
+    child_env = {**os.environ, **(env or {}), "LIVEAVATAR_KAFKA_BOOTSTRAP": info.kafka_bootstrap,
+                 "LIVEAVATAR_REDIS_URL": info.redis_url, "LIVEAVATAR_JSON_LOGS": "true",
+                 "LIVEAVATAR_RUN_DIR": str(run_dir)}
+    argv = [sys.executable, "-m", "services.cli.supervisor", "--run-dir", str(run_dir), "--lanes", str(lanes)]
+    if api:
+        argv.append("--api")
+    with open(run_dir / "supervisor.log", "ab") as out:
+        proc = subprocess.Popen(argv, env=child_env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"the service supervisor exited ({proc.returncode}); see {run_dir / 'supervisor.log'}")
+        status = service_status(run_dir)
+        if status and all(s["ready"] for s in status.values()):
+            return {"infra": info, "services": status}
+        time.sleep(0.5)
+    down(run_dir)
+    raise StackError(f"services not ready within {timeout_s:.0f} s; logs in {run_dir}")
+
+
+def _api_built() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("services.session_api.__main__") is not None
+
+
+def down(run_dir: Path, timeout_s: float = 60.0) -> list[str]:
+    run_dir = run_dir.resolve()
+    stopped = []
+    pid_file = run_dir / SUPERVISOR_PID
+    leftovers = _all_pids(run_dir)
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if pid_alive(pid):
+                stop_pid(pid, 2)
+            stopped.append("services")
+        pid_file.unlink(missing_ok=True)
+    for pid in leftovers:                 # anything a crash left behind
+        if pid_alive(pid):
+            stop_pid(pid, 5)
+    stopped += LocalStack(run_dir).down()
+    return stopped
+
+
+def _all_pids(run_dir: Path) -> list[int]:
+    pids = []
+    for svc in services_info(run_dir).values():
+        pids.append(svc["pid"])
+        if svc.get("rank_pids_file") and Path(svc["rank_pids_file"]).exists():
+            pids += [int(x) for x in Path(svc["rank_pids_file"]).read_text().split()]
+    return pids
+
+
+def print_status(run_dir: Path) -> int:
+    run_dir = run_dir.resolve()
+    ok = True
+    infra = LocalStack(run_dir).status()
+    if not infra:
+        print(f"nothing running in {run_dir}")
+        return 1
+    for name, s in infra.items():
+        state = "ready" if s["ready"] else "DOWN"
+        ok &= s["ready"]
+        print(f"{name:16s} {state:6s} {s['address']}")
+    svcs = service_status(run_dir)
+    if not svcs:
+        print("services         DOWN   (no supervisor)")
+        ok = False
+    for name, s in svcs.items():
+        state = "ready" if s["ready"] else "DOWN"
+        ok &= s["ready"]
+        print(f"{name:16s} {state:6s} health on {', '.join(str(p) for p in s['ports'])}  restarts {s['restarts']}")
+    return 0 if ok else 1

@@ -1,0 +1,56 @@
+"""What every worker service shares: its settings base, graceful stop, consumer lag, model loading."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from pydantic import Field
+
+from services.common.health import QUEUE_LAG
+from services.common.settings import LiveAvatarSettings
+
+
+class WorkerSettings(LiveAvatarSettings):
+    """Settings common to the Kafka/Redis worker services."""
+
+    health_host: str = Field("127.0.0.1", description="address of /healthz, /readyz, /metrics (0.0.0.0 in a pod)")
+    health_port: int = Field(8080, description="port of /healthz, /readyz, /metrics (0: any free port)")
+    model: str = Field("tiny", validation_alias="LIVEAVATAR_MODEL_CONFIG",
+                       description="'tiny', 'reference' or a checkpoint directory")
+    checkpoint: str | None = Field(None, description="checkpoint directory; unset: seeded random weights")
+    weights_seed: int = Field(0, description="seed of the random weights when no checkpoint is given")
+    redis_namespace: str = Field("la", description="prefix of every Redis key")
+    poll_ms: int = Field(200, description="Kafka poll timeout")
+    threads: int = Field(1, description="torch CPU threads (results are bit-reproducible for a fixed count)")
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT set a flag; the worker loop drains in-flight work and exits."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> GracefulStop:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.event.set())
+        return self
+
+    @property
+    def stopping(self) -> bool:
+        return self.event.is_set()
+
+
+def update_lag(consumer, service: str) -> dict[str, int]:
+    """Export end offset minus position per topic (the lag of this consumer)."""
+    assigned = consumer.assignment()
+    if not assigned:
+        return {}
+    ends = consumer.end_offsets(list(assigned))
+    lag: dict[str, int] = {}
+    for tp in assigned:
+        pos = consumer.position(tp)
+        lag[tp.topic] = lag.get(tp.topic, 0) + max(0, ends.get(tp, 0) - (pos or 0))
+    for topic, value in lag.items():
+        QUEUE_LAG.labels(service, topic).set(value)
+    return lag

@@ -1,0 +1,321 @@
+"""The lane service: one image, one process per rank; the role comes from the rank.
+
+- rank 0 (the head, denoise step 0): reads its partition of ``audio-features`` and feeds the lane;
+- ranks 1..steps-1: denoise steps, joined by ``torch.distributed`` only;
+- rank ``steps``: the VAE decoder; writes decoded blocks to ``frames`` and the cursor to Redis.
+
+The ranks are :func:`pipeline_stages.tpp.run_rank` with Kafka/Redis-backed sources and outputs.
+
+Restart (a rank died; the whole group is recreated, as LeaderWorkerSet's RecreateGroupOnPodRestart
+does and as ``services.lane.group`` does locally): the head finds in Redis the session its lane was
+serving and the last block the decoder emitted (``lane_block``). It restarts the session from the
+sink stored in Redis (with the re-anchored latent when there is one), re-runs the previous
+``kv_cache_blocks`` blocks as *replay* blocks (they refill every stage's KV ring and the decoder's
+causal cache; their frames are not emitted), and continues at ``lane_block + 1``. The head commits
+its Kafka offset at the block the replay would start from, so those blocks are still readable.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from kafka import OffsetAndMetadata, TopicPartition
+
+from infra import topics
+from models.generator import GenerationOptions
+from models.liveavatar import LiveAvatarConfig
+from pipeline_stages.sink import SinkInputs
+from pipeline_stages.tpp import (
+    AnchorReady,
+    Block,
+    BlockDone,
+    EndSession,
+    RankSpec,
+    SessionEnded,
+    SessionStarted,
+    StartSession,
+    run_rank,
+)
+from services.common.health import ACTIVE_SESSIONS, BLOCKS, DUPLICATES, FPS, QUEUE_LAG, HealthServer
+from services.common.kafka import make_consumer, make_producer
+from services.common.logging import get_logger
+from services.common.messages import (
+    Features,
+    Frames,
+    WireError,
+    decode,
+    encode,
+    tensor_from_torch,
+    tensor_to_torch,
+)
+from services.common.redis_state import StateStore
+from services.common.worker import GracefulStop, WorkerSettings, update_lag
+
+SERVICE = "lane"
+log = get_logger(SERVICE)
+
+
+class LaneSettings(WorkerSettings):
+    lane_id: str = "lane-0"
+    lane_partition: int = 0                  # partition of audio-features this lane owns
+    lane_pool: str = "default"
+    lane_stages: int = 4
+    dist_rank: int = 0                       # LWS_WORKER_INDEX in a LeaderWorkerSet
+    dist_init_method: str = ""               # file:///path locally; tcp://<leader>:29500 in a cluster
+    dist_master_addr: str = ""
+    dist_master_port: int = 29500
+    device: str = "cpu"
+    dtype: str = "float32"
+    rank_timeout_s: float = 30.0
+    heartbeat_s: float = 1.0
+    compress_frames: bool = False            # zlib the decoded frames on the wire (measured: see docs)
+    emit_latents: bool = False               # also put each block's final latent on the frames topic (tests)
+
+    def init_method(self) -> str:
+        if self.dist_init_method:
+            return self.dist_init_method
+        if self.dist_master_addr:
+            return f"tcp://{self.dist_master_addr}:{self.dist_master_port}"
+        raise ValueError("set LIVEAVATAR_DIST_INIT_METHOD or LIVEAVATAR_DIST_MASTER_ADDR")
+
+
+@dataclass
+class _Serving:
+    session_id: str
+    tenant_id: str
+    session_no: int
+    next_block: int          # first block to run for real; smaller ones are replay or duplicates
+    replay_from: int
+    max_seen: int = -1       # highest block index fed to the lane (idempotence)
+
+
+class KafkaLaneSource:
+    """Rank 0's input: this lane's partition of audio-features, plus recovery from Redis."""
+
+    def __init__(self, s: LaneSettings, store: StateStore, config: LiveAvatarConfig):
+        self.s, self.store, self.config = s, store, config
+        self.tp = TopicPartition(topics.name(topics.AUDIO_FEATURES), s.lane_partition)
+        self.consumer = make_consumer(s.kafka_bootstrap, group_id=f"lane-{s.lane_id}", topics=None,
+                                      max_poll_records=8)
+        self.consumer.assign([self.tp])
+        self.pending: collections.deque = collections.deque()
+        self.offsets: dict[int, int] = {}     # block index -> offset (recent blocks of the current session)
+        self.serving: _Serving | None = None
+        self.session_no = 0
+        self._last_commit = 0.0
+        store.register_lane(s.lane_id, s.lane_partition, s.lane_pool)
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+        self._resume()
+
+    def _heartbeat(self) -> None:
+        """Redis only: the Kafka consumer is not thread-safe, so commits happen in :meth:`get`."""
+        while True:
+            try:
+                self.store.heartbeat_lane(self.s.lane_id)
+            except Exception as exc:  # noqa: BLE001 - keep beating; Redis may come back
+                log.warning("lane heartbeat failed", error=str(exc))
+            time.sleep(2)
+
+    def _commit(self) -> None:
+        """Commit the offset of the first block a restart would replay (never past an unemitted block)."""
+        sv = self.serving
+        if sv is None:
+            return
+        resume = self.store.cursor_int(sv.session_id, "lane_block") + 1
+        first = max(sv.replay_from, resume - self.config.dit.kv_cache_blocks)
+        if first in self.offsets:
+            self.consumer.commit({self.tp: OffsetAndMetadata(self.offsets[first], None, -1)})
+            for b in [b for b in self.offsets if b < first]:
+                del self.offsets[b]
+
+    def _export_lag(self) -> None:
+        """Lag of this lane in blocks: unread on Kafka + read but not started + started but not yet emitted."""
+        kafka_lag = update_lag(self.consumer, SERVICE).get(self.tp.topic, 0)
+        sv = self.serving
+        in_flight = 0
+        if sv is not None:
+            in_flight = max(0, sv.max_seen - self.store.cursor_int(sv.session_id, "lane_block"))
+        QUEUE_LAG.labels(SERVICE, self.tp.topic).set(kafka_lag + len(self.pending) + in_flight)
+
+    def _resume(self) -> None:
+        """After a restart: continue the session this lane was serving, if any."""
+        info = self.store.get_lane(self.s.lane_id) or {}
+        sid = info.get("session", "")
+        rec = self.store.get_session(sid) if sid else None
+        if info.get("status") != "serving" or rec is None or rec.state not in ("active",):
+            return
+        resume = self.store.cursor_int(sid, "lane_block") + 1
+        replay_from = max(0, resume - self.config.dit.kv_cache_blocks)
+        start = self._start_item(sid, rec.tenant_id, anchor=resume > 0)
+        if start is None:
+            return
+        self.serving = _Serving(sid, rec.tenant_id, start.session_no, resume, replay_from)
+        self.pending.append(start)
+        log.info("resuming session after restart", session_id=sid, tenant_id=rec.tenant_id,
+                 resume_block=resume, replay_from=replay_from)
+
+    def _start_item(self, sid: str, tenant: str, anchor: bool) -> StartSession | None:
+        msg = self.store.get_sink(sid)
+        if msg is None:
+            log.error("no sink in Redis for session", session_id=sid)
+            return None
+        opts = msg.header.options or {}
+        t = {k: tensor_to_torch(v) for k, v in msg.tensors.items()}
+        anchor_t = self.store.get_anchor(sid) if anchor else None
+        self.session_no += 1
+        return StartSession(self.session_no, int(opts.get("seed", 0)), SinkInputs(t["ref"], t["motion"], t["text"]),
+                            GenerationOptions(), None, None if anchor_t is None else tensor_to_torch(anchor_t),
+                            tag=f"{tenant}/{sid}")
+
+    def get(self, timeout: float):
+        now = time.monotonic()
+        if now - self._last_commit > 0.5:
+            self._commit()
+            self._export_lag()
+            self._last_commit = now
+        if self.pending:
+            return self.pending.popleft()
+        batch = self.consumer.poll(timeout_ms=int(timeout * 1000))
+        for recs in batch.values():
+            for rec in recs:
+                item = self._convert(rec)
+                if item is not None:
+                    self.pending.append(item)
+        return self.pending.popleft() if self.pending else None
+
+    def _convert(self, rec):
+        try:
+            msg = decode(rec.value)
+        except WireError as exc:
+            log.warning("dropped undecodable features", error=str(exc))
+            return None
+        h = msg.header
+        if not isinstance(h, Features):
+            return None
+        sv = self.serving
+        if h.kind == "start":
+            if sv is not None and sv.session_id == h.session_id:
+                DUPLICATES.labels(SERVICE).inc()          # replayed start of the session we serve
+                return None
+            item = self._start_item(h.session_id, h.tenant_id, anchor=False)
+            if item is not None:
+                self.serving = _Serving(h.session_id, h.tenant_id, item.session_no, 0, 0)
+                self.offsets = {}
+            return item
+        if sv is None or h.session_id != sv.session_id:
+            return None                                   # an old session's leftovers on this partition
+        if h.kind == "block":
+            b = h.seq
+            if b < sv.replay_from or b <= sv.max_seen:
+                DUPLICATES.labels(SERVICE).inc()
+                return None
+            sv.max_seen = b
+            self.offsets[b] = rec.offset
+            return Block(sv.session_no, b, tensor_to_torch(msg.tensors["features"]),
+                         tensor_to_torch(msg.tensors["pcm"]), replay=b < sv.next_block)
+        if h.kind == "end":
+            return EndSession(sv.session_no)
+        return None
+
+
+class KafkaLaneOutput:
+    """The decode rank's output: frames to Kafka, cursor / anchor / usage / lane release to Redis."""
+
+    def __init__(self, s: LaneSettings, store: StateStore):
+        self.s, self.store = s, store
+        self.producer = make_producer(s.kafka_bootstrap)
+        self.tags: dict[int, tuple[str, str]] = {}
+        self.t_last = time.monotonic()
+
+    def put(self, item) -> None:
+        if isinstance(item, SessionStarted):
+            tenant, sid = item.tag.split("/", 1)
+            self.tags[item.session_no] = (tenant, sid)
+            ACTIVE_SESSIONS.labels(SERVICE).set(1)
+            return
+        tenant, sid = self.tags.get(getattr(item, "session_no", -1), ("", ""))
+        if not sid:
+            return
+        if isinstance(item, AnchorReady):
+            self.store.put_anchor(sid, tensor_from_torch(item.latent),
+                                  Frames(session_id=sid, tenant_id=tenant, seq=0, kind="block", lane_id=self.s.lane_id))
+        elif isinstance(item, BlockDone):
+            header = Frames(session_id=sid, tenant_id=tenant, seq=item.block_index, kind="block",
+                            lane_id=self.s.lane_id)
+            tensors = {"frames": tensor_from_torch(item.frames), "pcm": tensor_from_torch(item.pcm)}
+            if self.s.emit_latents:
+                tensors["latent"] = tensor_from_torch(item.latent)
+            value = encode(header, tensors, compress={"frames"} if self.s.compress_frames else None)
+            self.producer.send(topics.name(topics.FRAMES), key=sid.encode(), value=value)
+            self.producer.flush()                          # frames durable before the cursor moves
+            self.store.advance_cursor(sid, "lane_block", item.block_index)
+            self.store.add_usage(tenant, item.frames.shape[0] / 25.0)
+            BLOCKS.labels(SERVICE, "decode").inc()
+            now = time.monotonic()
+            FPS.labels(SERVICE).set(item.frames.shape[0] / max(1e-6, now - self.t_last))
+            self.t_last = now
+        elif isinstance(item, SessionEnded):
+            self.producer.send(topics.name(topics.FRAMES), key=sid.encode(), value=encode(
+                Frames(session_id=sid, tenant_id=tenant, seq=-1, kind="end", lane_id=self.s.lane_id)))
+            self.producer.flush()
+            self.store.update_session(sid, state="ended")
+            self.store.release_lane(self.s.lane_id, sid)
+            self.tags.pop(item.session_no, None)
+            ACTIVE_SESSIONS.labels(SERVICE).set(0)
+            log.info("session ended on lane", session_id=sid, tenant_id=tenant, lane=self.s.lane_id)
+
+
+class _LogReporter:
+    """Progress and errors of this rank, to the structured log (the group supervisor watches exits)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.ready = False
+
+    def put(self, item) -> None:
+        kind = item[0]
+        if kind == "ready":
+            self.ready = True
+            log.info("rank ready", rank=self.rank)
+        elif kind == "error":
+            log.error("rank failed", rank=self.rank, block=item[2], detail=item[3], peer=item[4])
+
+
+def run_lane_rank(s: LaneSettings) -> None:
+    config = LiveAvatarConfig.load(s.model)
+    spec = RankSpec(rank=s.dist_rank, steps=s.lane_stages, config=config, init_method=s.init_method(),
+                    device=s.device, dtype=s.dtype, weights_seed=s.weights_seed, checkpoint=s.checkpoint,
+                    timeout_s=s.rank_timeout_s, heartbeat_s=s.heartbeat_s, threads=s.threads)
+    store = StateStore.from_url(s.redis_url.get_secret_value(), namespace=s.redis_namespace)
+    reporter = _LogReporter(s.dist_rank)
+    port = 0 if s.health_port == 0 else s.health_port + s.dist_rank
+    health = HealthServer(s.health_host, port, lambda: reporter.ready, f"{SERVICE}-{spec.stage_name}").start()
+    stop = GracefulStop().install()
+    source = KafkaLaneSource(s, store, config) if s.dist_rank == 0 else None
+    output = KafkaLaneOutput(s, store) if spec.is_decode else None
+    if source is not None:
+        source = _StoppableSource(source, stop)
+    log.info("lane rank starting", lane=s.lane_id, rank=s.dist_rank, stage=spec.stage_name, health_port=health.port)
+    try:
+        torch.set_num_threads(s.threads)
+        run_rank(spec, source, output, reporter)
+    finally:
+        health.stop()
+
+
+class _StoppableSource:
+    """On SIGTERM the head finishes the block in hand and shuts the lane down (graceful drain)."""
+
+    def __init__(self, inner: KafkaLaneSource, stop: GracefulStop):
+        self.inner, self.stop = inner, stop
+
+    def get(self, timeout: float):
+        if self.stop.stopping:
+            from pipeline_stages.tpp import Shutdown
+
+            return Shutdown()
+        return self.inner.get(timeout)

@@ -1,0 +1,113 @@
+"""The stream-packager service: decoded blocks (topic ``frames``) -> fragmented MP4 (topic ``media``).
+
+One :class:`~pipeline_stages.package_stage.PackageStage` per session: the first message of a session
+emits the init segment, then every block its own fragment (H.264 + AAC, timestamps from the block
+index, audio in sync). The ``media`` messages carry the block index as their sequence number.
+
+Idempotence and restart: a block at or below the session's ``media_block`` cursor is a duplicate and
+is dropped. A restarted packager creates the session's stage at the next block
+(``PackageStage(start_block=k)``), which gives the same init segment and continuous timestamps, so the
+client's byte stream stays valid; only the audio encoder restarts (see docs/services.md).
+"""
+
+from __future__ import annotations
+
+import time
+
+from infra import topics
+from pipeline_stages.package_stage import PackageStage
+from pipeline_stages.sequential import make_package_stage
+from services.common.health import ACTIVE_SESSIONS, BLOCK_LATENCY, BLOCKS, DUPLICATES, FPS, HealthServer
+from services.common.kafka import make_consumer, make_producer
+from services.common.logging import get_logger
+from services.common.messages import Frames, Media, Tensor, WireError, decode, encode
+from services.common.redis_state import StateStore
+from services.common.worker import GracefulStop, WorkerSettings, update_lag
+
+SERVICE = "stream-packager"
+log = get_logger(SERVICE)
+
+
+class PackagerSettings(WorkerSettings):
+    group_id: str = "stream-packager"
+
+
+class PackagerWorker:
+    def __init__(self, s: PackagerSettings):
+        self.s = s
+        self.store = StateStore.from_url(s.redis_url.get_secret_value(), namespace=s.redis_namespace)
+        self.producer = make_producer(s.kafka_bootstrap)
+        self.consumer = make_consumer(s.kafka_bootstrap, s.group_id, [topics.name(topics.FRAMES)], max_poll_records=16)
+        self.stages: dict[str, PackageStage] = {}
+        self.stop = GracefulStop()
+        self.ready = False
+        self.t_last = time.monotonic()
+
+    def run(self) -> None:
+        self.stop.install()
+        health = HealthServer(self.s.health_host, self.s.health_port, lambda: self.ready, SERVICE).start()
+        log.info("started", health_port=health.port)
+        try:
+            while not self.stop.stopping:
+                batch = self.consumer.poll(timeout_ms=self.s.poll_ms)
+                self.ready = True
+                for recs in batch.values():
+                    for rec in recs:
+                        self._handle(rec.value)
+                if batch:
+                    self.producer.flush()
+                    self.consumer.commit()
+                update_lag(self.consumer, SERVICE)
+                ACTIVE_SESSIONS.labels(SERVICE).set(len(self.stages))
+        finally:
+            log.info("stopping: draining")
+            self.producer.flush()
+            try:
+                self.consumer.commit()
+            finally:
+                self.consumer.close()
+                self.producer.close()
+                health.stop()
+
+    def _handle(self, raw: bytes) -> None:
+        try:
+            msg = decode(raw)
+        except WireError as exc:
+            log.warning("dropped undecodable frames", error=str(exc))
+            return
+        h = msg.header
+        if not isinstance(h, Frames):
+            return
+        sid = h.session_id
+        if h.kind == "end":
+            stage = self.stages.pop(sid, None)
+            tail = stage.close() if stage is not None else b""
+            self._emit(h, "end", h.seq, tail)
+            return
+        if h.seq <= self.store.cursor_int(sid, "media_block"):
+            DUPLICATES.labels(SERVICE).inc()
+            return
+        t0 = time.perf_counter()
+        frames = msg.tensors["frames"].numpy()               # [12, H, W, 3] uint8
+        pcm = msg.tensors["pcm"].numpy()                     # [7680] float32
+        stage = self.stages.get(sid)
+        if stage is None:
+            height, width = frames.shape[1:3]
+            stage = make_package_stage(width, height, h.fps, frames.shape[0], start_block=h.seq,
+                                       tiny=height * width <= 128 * 128)
+            self.stages[sid] = stage
+            self._emit(h, "init", -1, stage.init_segment())
+        fragment = stage.push_block(frames, pcm)
+        self._emit(h, "fragment", h.seq, fragment, start_time_s=float(stage.config.block_start_time(h.seq)))
+        self.producer.flush()                                # media durable before the cursor moves
+        self.store.advance_cursor(sid, "media_block", h.seq)
+        BLOCK_LATENCY.labels(SERVICE, "package").observe(time.perf_counter() - t0)
+        BLOCKS.labels(SERVICE, "package").inc()
+        now = time.monotonic()
+        FPS.labels(SERVICE).set(frames.shape[0] / max(1e-6, now - self.t_last))
+        self.t_last = now
+
+    def _emit(self, h: Frames, kind: str, seq: int, data: bytes, start_time_s: float = 0.0) -> None:
+        header = Media(session_id=h.session_id, tenant_id=h.tenant_id, seq=seq, kind=kind, start_time_s=start_time_s)
+        payload = {"data": Tensor("uint8", (len(data),), data)} if data else None
+        self.producer.send(topics.name(topics.MEDIA), key=h.session_id.encode(), value=encode(header, payload))

@@ -1,0 +1,230 @@
+"""The services over the real broker, real Redis and real processes (`liveavatar up` with 2 lanes).
+
+- a session through audio-encoder -> lane (5 processes) -> stream-packager equals the single-process run;
+- two sessions at once on two lanes do not interfere;
+- killing the audio-encoder, one lane rank, or the packager mid-session: the media the client
+  receives is complete and ordered (no block lost, duplicated or reordered);
+- audio pushed faster than real time is refused past the queue limit, and the lag shows in metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from infra.local.stack import pid_alive
+from models.inputs import load_audio, load_image
+from models.liveavatar import LiveAvatarConfig, build_models
+from pipeline_stages.sequential import SessionSpec, generate_blocks
+from services.cli import stack_cmd
+from services.common.kafka import make_producer
+from services.common.messages import AudioIn, tensor_to_torch
+from services.common.redis_state import StateStore
+from services.common.session_io import Backpressure, MediaCollector, assemble, publish_pcm, publish_start, send
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BLOCK = 7680
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stack")
+    res = stack_cmd.up(run_dir, lanes=2, api=False, env={"LIVEAVATAR_EMIT_LATENTS": "true"}, timeout_s=300)
+    info = res["infra"]
+    store = StateStore.from_url(info.redis_url)
+    producer = make_producer(info.kafka_bootstrap)
+    media = MediaCollector(info.kafka_bootstrap)
+    yield {"run_dir": run_dir, "info": info, "store": store, "producer": producer, "media": media}
+    media.close()
+    producer.close()
+    pids = stack_cmd._all_pids(run_dir)
+    stack_cmd.down(run_dir)
+    assert not [p for p in pids if pid_alive(p)], "down left a process behind"
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_examples):
+    return {
+        "baker": ((shared_examples / "cyclops_baker.jpg").read_bytes(),
+                  load_audio(str(shared_examples / "cyclops_baker.wav"), 60)),
+        "grandmother": ((shared_examples / "kitchen_grandmother.jpg").read_bytes(),
+                        load_audio(str(shared_examples / "kitchen_grandmother.wav"), 60)),
+    }
+
+
+def run_session(stack, image: bytes, pcm: np.ndarray, seed: int, pace_s: float = 0.0, chunk: int = 3200,
+                on_block=None, tenant="acme") -> str:
+    sid = "s-" + uuid.uuid4().hex[:10]
+    publish_start(stack["store"], stack["producer"], sid, tenant, image, {"seed": seed})
+    seq = 1
+    for i in range(0, len(pcm), chunk):
+        seq = publish_pcm(stack["producer"], sid, tenant, pcm[i:i + chunk], seq, chunk=chunk)
+        stack["producer"].flush()
+        if on_block is not None:
+            on_block(sid, i // BLOCK)
+        if pace_s:
+            time.sleep(pace_s)
+    send(stack["producer"], AudioIn(session_id=sid, tenant_id=tenant, seq=seq, kind="end"))
+    stack["producer"].flush()
+    return sid
+
+
+def media_blocks(stack, sid, timeout_s=240):
+    stack["media"].wait_end([sid], timeout_s)
+    return stack["media"].messages[sid]
+
+
+def check_complete(messages, n_blocks: int, out: Path | None = None):
+    """The client's stream: exactly blocks 0..n-1 in order, and a playable MP4."""
+    data, blocks = assemble(messages)
+    assert blocks == list(range(n_blocks)), blocks
+    if out is not None and shutil.which("ffprobe"):
+        out.write_bytes(data)
+        r = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v",
+                            "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and int(r.stdout.strip()) == 12 * n_blocks, r.stderr
+    return data
+
+
+def reference(image: bytes, pcm: np.ndarray, seed: int):
+    torch.set_num_threads(1)
+    models = build_models(LiveAvatarConfig.tiny(), seed=0)
+    return generate_blocks(models, SessionSpec(load_image(image, 50_000_000), "", seed=seed), pcm)
+
+
+def frames_of(stack, sid):
+    """Decoded blocks as the lane put them on the frames topic are not kept; the latents ride on them
+    (LIVEAVATAR_EMIT_LATENTS) and are read back from the frames topic here."""
+    from kafka import TopicPartition
+
+    from infra import topics
+    from services.common.kafka import make_consumer
+    from services.common.messages import decode
+
+    c = make_consumer(stack["info"].kafka_bootstrap, group_id=None)
+    tps = [TopicPartition(topics.name(topics.FRAMES), p)
+           for p in sorted(c.partitions_for_topic(topics.name(topics.FRAMES)))]
+    c.assign(tps)
+    c.seek_to_beginning(*tps)
+    out = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        batch = c.poll(timeout_ms=500)
+        if not batch and out:
+            break
+        for recs in batch.values():
+            for rec in recs:
+                m = decode(rec.value)
+                if m.header.session_id == sid and m.header.kind == "block":
+                    out[m.header.seq] = (tensor_to_torch(m.tensors["latent"]), tensor_to_torch(m.tensors["frames"]))
+    c.close()
+    return out
+
+
+def test_two_sessions_on_two_lanes_equal_the_single_process_run(stack, inputs, tmp_path):
+    (img_a, pcm_a), (img_b, pcm_b) = inputs["baker"], inputs["grandmother"]
+    pcm_a, pcm_b = pcm_a[:BLOCK * 6 + 1000], pcm_b[:BLOCK * 5]
+    box: dict[str, str] = {}
+    t = threading.Thread(target=lambda: box.setdefault("b", run_session(stack, img_b, pcm_b, seed=22)))
+    t.start()
+    sid_a = run_session(stack, img_a, pcm_a, seed=11)
+    t.join()
+    sid_b = box["b"]
+    for sid, (img, pcm, seed, n) in ((sid_a, (img_a, pcm_a, 11, 7)), (sid_b, (img_b, pcm_b, 22, 5))):
+        check_complete(media_blocks(stack, sid), n, tmp_path / f"{sid}.mp4")
+        got = frames_of(stack, sid)
+        want = reference(img, pcm, seed)
+        assert sorted(got) == list(range(n))
+        for res in want:
+            latent, frames = got[res.block_index]
+            assert torch.equal(latent, res.latent), f"{sid} block {res.block_index} latent differs"
+            assert torch.equal(frames, res.frames)
+        assert stack["store"].get_session(sid).state == "ended"
+    lanes = {stack["store"].get_session(s).lane for s in (sid_a, sid_b)}
+    assert lanes == {"lane-0", "lane-1"}, lanes
+
+
+def _services(stack):
+    return stack_cmd.services_info(stack["run_dir"])
+
+
+@pytest.mark.parametrize("victim", ["audio-encoder", "lane-rank-2", "stream-packager"])
+def test_kill_a_service_mid_session_and_the_media_stays_complete(stack, inputs, victim, tmp_path):
+    img, pcm = inputs["baker"]
+    pcm = pcm[:BLOCK * 12]
+    killed = {}
+
+    def kill_once(sid, block):
+        if block != 3 or killed:
+            return
+        svc = _services(stack)
+        if victim == "lane-rank-2":
+            lane = stack["store"].get_session(sid).lane
+            pid = int(Path(svc[lane]["rank_pids_file"]).read_text().split()[2])
+        else:
+            pid = svc[victim]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+    sid = run_session(stack, img, pcm, seed=5, pace_s=0.25, chunk=BLOCK, on_block=kill_once)
+    messages = media_blocks(stack, sid, timeout_s=300)
+    assert killed and not pid_alive(killed["pid"])
+    check_complete(messages, 12, tmp_path / "recovered.mp4")
+    if victim != "lane-rank-2":
+        # the lane never restarted: content equals the uninterrupted single-process run
+        got = frames_of(stack, sid)
+        for res in reference(img, pcm, 5):
+            assert torch.equal(got[res.block_index][0], res.latent)
+    # the stack is healthy again (the supervisor restarted what was killed)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = stack_cmd.service_status(stack["run_dir"])
+        if all(s["ready"] for s in status.values()):
+            break
+        time.sleep(1)
+    assert all(s["ready"] for s in status.values()), status
+
+
+def test_audio_faster_than_real_time_is_refused_past_the_limit_and_lag_is_visible(stack, inputs):
+    img, pcm = inputs["grandmother"]
+    sid = "s-" + uuid.uuid4().hex[:10]
+    publish_start(stack["store"], stack["producer"], sid, "acme", img, {"seed": 1})
+    seq, accepted = 1, 0
+    with pytest.raises(Backpressure, match="queued"):
+        for i in range(0, len(pcm), BLOCK):
+            seq = publish_pcm(stack["producer"], sid, "acme", pcm[i:i + BLOCK], seq, chunk=BLOCK,
+                              store=stack["store"], max_queued_s=2.0)
+            accepted += 1
+    stack["producer"].flush()
+    assert 2 <= accepted < len(pcm) // BLOCK
+    # the lane's consumer lag is exported while it catches up
+    deadline = time.monotonic() + 30
+    while not stack["store"].get_session(sid).lane and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lane = stack["store"].get_session(sid).lane
+    port = _services(stack)[lane]["health_ports"][0]
+    seen_lag = 0.0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and seen_lag == 0:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        for line in text.splitlines():
+            if line.startswith("liveavatar_queue_lag_messages") and 'topic="audio-features"' in line:
+                seen_lag = max(seen_lag, float(line.rsplit(" ", 1)[1]))
+        time.sleep(0.1)
+    assert seen_lag > 0
+    send(stack["producer"], AudioIn(session_id=sid, tenant_id="acme", seq=seq, kind="end"))
+    stack["producer"].flush()
+    check_complete(media_blocks(stack, sid), accepted)
