@@ -24,3 +24,6 @@ bench: setup
 
 clean:
 	rm -rf .run out .pytest_cache
+
+# kind-e2e / kind-down: deploy the chart to a local kind cluster (needs Docker and kind; CI does not run it)
+include infra/kind/Makefile.kind

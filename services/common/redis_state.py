@@ -9,7 +9,7 @@ Every key is namespaced (``<ns>:``, default ``la``) and expires. The layout::
     la:anchor:{sid}             bytes  the re-anchored sink latent (block 0's first frame)             TTL session
     la:cursor:{sid}             hash   audio_seq, audio_pending, features_block, lane_block,
                                        media_block, acked_block                                        TTL session
-    la:lane:{lane_id}           hash   partition, pool, status, session, heartbeat                     TTL heartbeat
+    la:lane:{lane_id}           hash   partition, pool, status, session, heartbeat, drain              TTL heartbeat
     la:lanes                    zset   lane id -> partition                                             (members expire
                                                                                                         with their hash)
     la:usage:{tid}:{yyyymmdd}   float  seconds of video generated                                       TTL 2 days
@@ -66,7 +66,8 @@ for _, lane in ipairs(lanes) do
   if redis.call('EXISTS', key) == 1 then
     local status = redis.call('HGET', key, 'status')
     local pool = redis.call('HGET', key, 'pool')
-    if status == 'idle' and (ARGV[3] == '' or pool == ARGV[3]) then
+    local draining = redis.call('HGET', key, 'drain')
+    if status == 'idle' and draining ~= '1' and (ARGV[3] == '' or pool == ARGV[3]) then
       redis.call('HSET', key, 'status', 'serving', 'session', ARGV[2])
       return lane
     end
@@ -218,6 +219,10 @@ class StateStore:
         script = ("if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then "
                   "redis.call('HSET', KEYS[1], 'status', 'idle', 'session', '') return 1 end return 0")
         self.r.eval(script, 1, self.k("lane", lane_id), session_id)
+
+    def set_lane_drain(self, lane_id: str, drain: bool) -> None:
+        """A draining lane takes no new session (the lane controller drains before it scales down)."""
+        self.r.hset(self.k("lane", lane_id), "drain", "1" if drain else "0")
 
     # ---- usage ---------------------------------------------------------------------------------
     def add_usage(self, tenant: str, seconds: float, day: str | None = None) -> float:

@@ -73,6 +73,10 @@ def test_lane_claims_are_atomic_and_pool_scoped(store):
     store.release_lane("lane-0", owner)
     assert store.get_lane("lane-0")["status"] == "idle"
     assert 0 < store.r.ttl(store.k("lane", "lane-0")) <= LANE_TTL_S
+    store.set_lane_drain("lane-0", True)                       # draining: never claimed again
+    assert store.claim_lane("sx", pool="a") is None
+    store.set_lane_drain("lane-0", False)
+    assert store.claim_lane("sx", pool="a") == "lane-0"
     store.r.delete(store.k("lane", "lane-1"))                  # a lane whose heartbeat expired
     assert "lane-1" not in store.list_lanes()
 
