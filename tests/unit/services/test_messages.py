@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.messages import (AudioIn, Features, Frames, Media, Tensor, WireError, decode, encode,
-                                      tensor_from_torch, tensor_to_torch)
+from services.common.messages import (
+    AudioIn,
+    Features,
+    Frames,
+    Media,
+    Tensor,
+    WireError,
+    decode,
+    encode,
+    tensor_from_torch,
+    tensor_to_torch,
+)
 
 pytestmark = pytest.mark.unit
 
