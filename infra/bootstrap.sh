@@ -39,3 +39,6 @@ if [ ! -f "$stamp" ]; then
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
+
+# Separate venv for the Triton Inference Server integration test (nvidia-pytriton pins numpy<2).
+bash infra/triton/setup.sh

@@ -6,6 +6,10 @@ Per session, in the order the events arrive on its partition:
   claim an idle lane, and send a ``start`` marker to that lane's partition of ``audio-features``;
 - ``pcm`` chunk ``seq``: append to the session's PCM; every completed 7,680-sample block becomes one
   ``block`` message (features + the block's PCM) with a monotonic block index;
+- ``end_utterance``: zero-pad and send the partial block at once (no waiting for more audio);
+- ``interrupt``: drop the partial block and mark every block sent so far as dropped (``drop_until`` in
+  the cursor); the lane replaces dropped blocks it has not started with silence, so the avatar goes
+  idle at the next block;
 - ``end``: zero-pad and send the last partial block, then an ``end`` marker.
 
 Idempotence and restart: after each chunk the features are flushed to Kafka *first*, then the
@@ -85,7 +89,8 @@ class AudioEncoderWorker:
         except ImportError:     # the backends module is optional at import time in a partial checkout
             make_backend = None
         if make_backend is not None:
-            return make_backend(self.s.backend, encoder=self.models.audio, url=self.s.triton_url)
+            return make_backend(self.s.backend, encoder=self.models.audio, url=self.s.triton_url,
+                                wait_ready_s=60.0 if self.s.backend == "triton" else 0.0)
         if self.s.backend != "torch":
             raise RuntimeError(f"backend {self.s.backend!r} is not available")
         return _TorchBlocks(self.models.audio)
@@ -146,7 +151,13 @@ class AudioEncoderWorker:
             self._pcm(ctx, pcm, h.seq)
         elif h.kind == "end":
             self._end(ctx, h.seq)
-        else:                                  # end_utterance / interrupt: nothing to encode
+        elif h.kind == "end_utterance":        # do not wait for more audio: pad and send the partial block
+            self._flush_partial(ctx)
+            self.producer.flush()
+            self._checkpoint(ctx, h.seq)
+        elif h.kind == "interrupt":            # drop queued audio: the partial block here, queued blocks at the lane
+            ctx.pending = np.zeros(0, np.float32)
+            self.store.set_cursor(ctx.session_id, drop_until=ctx.next_block - 1)
             self._checkpoint(ctx, h.seq)
 
     def _ctx(self, h: AudioIn) -> SessionCtx:
@@ -184,8 +195,10 @@ class AudioEncoderWorker:
                             error=str(exc))
                 self._checkpoint(ctx, h.seq)
                 return
+            silence = self.backend.encode_block(np.zeros(self.block_samples, np.float32))   # idle / interrupt
             tensors = {"ref": tensor_from_torch(sink.ref_latent), "motion": tensor_from_torch(sink.motion_latents),
-                       "text": tensor_from_torch(sink.text_context)}
+                       "text": tensor_from_torch(sink.text_context),
+                       "silence": Tensor.from_numpy(np.asarray(silence, np.float32)[None])}
             self.store.put_sink(ctx.session_id, tensors, h)
             self.store.update_session(ctx.session_id, height=height, width=width)
         self._checkpoint(ctx, h.seq)
@@ -234,11 +247,14 @@ class AudioEncoderWorker:
                                  "pcm": Tensor.from_numpy(np.ascontiguousarray(pcm, np.float32))})
         ctx.next_block += 1
 
-    def _end(self, ctx: SessionCtx, seq: int) -> None:
+    def _flush_partial(self, ctx: SessionCtx) -> None:
         if len(ctx.pending):
             pad = np.zeros(self.block_samples - len(ctx.pending), np.float32)
             self._block(ctx, np.concatenate([ctx.pending, pad]))
             ctx.pending = np.zeros(0, np.float32)
+
+    def _end(self, ctx: SessionCtx, seq: int) -> None:
+        self._flush_partial(ctx)
         self._send(ctx, Features(session_id=ctx.session_id, tenant_id=ctx.tenant_id, seq=ctx.next_block,
                                  kind="end", lane_id=ctx.lane))
         self.producer.flush()
