@@ -27,7 +27,6 @@ from math import gcd
 from pathlib import Path
 
 import numpy as np
-import torch
 
 Source = str | Path | bytes | bytearray | memoryview
 
@@ -412,7 +411,7 @@ def size_for_area(h: int, w: int, area: int = 720 * 400, multiple: int = 64) -> 
     return m, m
 
 
-def prepare_reference(image_rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
+def prepare_reference(image_rgb: np.ndarray, height: int, width: int) -> torch.Tensor:  # noqa: F821
     """uint8 RGB ``[h, w, 3]`` -> float32 ``[3, H, W]`` in [-1, 1] for the VAE.
 
     1. Resize (bilinear, antialiased) so the image covers ``H x W`` with its aspect kept: the
@@ -421,6 +420,7 @@ def prepare_reference(image_rgb: np.ndarray, height: int, width: int) -> torch.T
        with black when the other side falls short; covering avoids those bars).
     3. ``x / 127.5 - 1``, channels first.
     """
+    import torch  # imported here: the rest of this module is torch-free (the session API uses it)
     from PIL import Image
 
     if not (isinstance(image_rgb, np.ndarray) and image_rgb.dtype == np.uint8 and image_rgb.ndim == 3

@@ -78,6 +78,29 @@ def _cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tenants(args: argparse.Namespace) -> int:
+    from infra.local.stack import LocalStack
+    from services.common.redis_state import StateStore
+    from services.session_api.tenants import create_tenant
+
+    url = args.redis_url
+    if url is None:
+        info = LocalStack(args.run_dir or default_run_dir()).info()
+        if info is None:
+            print("error: no local stack is running; start one with `liveavatar up` or pass --redis-url", file=sys.stderr)
+            return 2
+        url = info.redis_url
+    try:
+        tenant, key = create_tenant(StateStore.from_url(url), args.name, args.max_sessions, args.minutes_per_day)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"tenant {tenant.tenant_id} created (max {tenant.max_sessions} sessions, "
+          f"{tenant.minutes_per_day:g} min/day); its API key follows, shown once", file=sys.stderr)
+    print(key)
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from services.cli import generate
 
@@ -118,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("down", help="stop everything `up` started")
     p.add_argument("--run-dir", default=None)
     p.set_defaults(func=_cmd_down)
+
+    p = sub.add_parser("tenants", help="manage tenants of the session API")
+    tsub = p.add_subparsers(dest="tenants_command", required=True)
+    t = tsub.add_parser("create", help="create a tenant; prints its new API key alone on stdout")
+    t.add_argument("name")
+    t.add_argument("--max-sessions", type=int, default=4)
+    t.add_argument("--minutes-per-day", type=float, default=600.0)
+    t.add_argument("--run-dir", default=None)
+    t.add_argument("--redis-url", default=None, help="default: the local stack's Redis")
+    t.set_defaults(func=_cmd_tenants)
 
     from services.cli import generate
 

@@ -91,6 +91,7 @@ class _Serving:
     next_block: int          # first block to run for real; smaller ones are replay or duplicates
     replay_from: int
     max_seen: int = -1       # highest block index fed to the lane (idempotence)
+    silence: torch.Tensor | None = None   # features of a silent block (idle, interrupt)
 
 
 class KafkaLaneSource:
@@ -107,6 +108,7 @@ class KafkaLaneSource:
         self.serving: _Serving | None = None
         self.session_no = 0
         self._last_commit = 0.0
+        self._silence: torch.Tensor | None = None
         store.register_lane(s.lane_id, s.lane_partition, s.lane_pool)
         threading.Thread(target=self._heartbeat, daemon=True).start()
         self._resume()
@@ -153,7 +155,7 @@ class KafkaLaneSource:
         start = self._start_item(sid, rec.tenant_id, anchor=resume > 0)
         if start is None:
             return
-        self.serving = _Serving(sid, rec.tenant_id, start.session_no, resume, replay_from)
+        self.serving = _Serving(sid, rec.tenant_id, start.session_no, resume, replay_from, silence=self._silence)
         self.pending.append(start)
         log.info("resuming session after restart", session_id=sid, tenant_id=rec.tenant_id,
                  resume_block=resume, replay_from=replay_from)
@@ -166,6 +168,7 @@ class KafkaLaneSource:
         opts = msg.header.options or {}
         t = {k: tensor_to_torch(v) for k, v in msg.tensors.items()}
         anchor_t = self.store.get_anchor(sid) if anchor else None
+        self._silence = tensor_to_torch(msg.tensors["silence"]) if "silence" in msg.tensors else None
         self.session_no += 1
         return StartSession(self.session_no, int(opts.get("seed", 0)), SinkInputs(t["ref"], t["motion"], t["text"]),
                             GenerationOptions(), None, None if anchor_t is None else tensor_to_torch(anchor_t),
@@ -203,7 +206,7 @@ class KafkaLaneSource:
                 return None
             item = self._start_item(h.session_id, h.tenant_id, anchor=False)
             if item is not None:
-                self.serving = _Serving(h.session_id, h.tenant_id, item.session_no, 0, 0)
+                self.serving = _Serving(h.session_id, h.tenant_id, item.session_no, 0, 0, silence=self._silence)
                 self.offsets = {}
             return item
         if sv is None or h.session_id != sv.session_id:
@@ -215,8 +218,10 @@ class KafkaLaneSource:
                 return None
             sv.max_seen = b
             self.offsets[b] = rec.offset
-            return Block(sv.session_no, b, tensor_to_torch(msg.tensors["features"]),
-                         tensor_to_torch(msg.tensors["pcm"]), replay=b < sv.next_block)
+            feats, pcm = tensor_to_torch(msg.tensors["features"]), tensor_to_torch(msg.tensors["pcm"])
+            if b <= self.store.cursor_int(sv.session_id, "drop_until") and sv.silence is not None:
+                feats, pcm = sv.silence, torch.zeros_like(pcm)        # interrupted: queued speech -> idle
+            return Block(sv.session_no, b, feats, pcm, replay=b < sv.next_block)
         if h.kind == "end":
             return EndSession(sv.session_no)
         return None
