@@ -314,7 +314,7 @@ class LaneController:
         for name, group in by_name.items():
             if len(group) > 1:  # the Redis keys are per pool name: two LWS of one pool would fight
                 for p in group:
-                    self._warn_invalid({"metadata": {"name": p.lws, "uid": p.uid}},
+                    self._warn_invalid({"metadata": {"name": p.lws, "uid": p.uid, "labels": {POOL_LABEL: name}}},
                                        f"lane pool {name!r} is claimed by {len(group)} LeaderWorkerSets "
                                        f"({', '.join(sorted(g.lws for g in group))}); not scaling it")
                 continue
@@ -444,8 +444,7 @@ class LaneController:
         POOL_DESIRED.labels(pool.pool).set(d.desired)
         POOL_CURRENT.labels(pool.pool).set(d.replicas_after)
         POOL_DEMAND.labels(pool.pool).set(d.demand)
-        POOL_DRAINING.labels(pool.pool).set(
-            (d.replicas_before - d.desired) if d.action in ("wait_drain", "scale_down") else 0)
+        POOL_DRAINING.labels(pool.pool).set((d.replicas_before - d.desired) if d.action == "wait_drain" else 0)
         bounds = f"demand {d.demand}, min {pool.min_lanes}, max {pool.max_lanes}, ceiling {ceiling}"
         if d.undrained:
             DECISIONS.labels(pool.pool, "undrain").inc(len(d.undrained))

@@ -350,9 +350,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         data = await _read_limited(file, s.max_audio_upload_bytes, "audio")
         try:
             pcm = await asyncio.get_running_loop().run_in_executor(None, load_audio, data, s.max_audio_seconds)
-        except InputError as exc:
-            raise api_error(415 if "not a recognised" in str(exc) or "no audio stream" in str(exc) else 400,
-                            str(exc)) from exc
+        except InputError as exc:      # declared as audio but not decodable: bad content, not a bad type
+            raise api_error(400, str(exc)) from exc
         await _push(sid, tenant.tenant_id, pcm)
         await _event(sid, tenant.tenant_id, "end_utterance")
         return {"accepted_seconds": round(len(pcm) / RATE, 3)}
