@@ -362,8 +362,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         if tenant is None:
             return
         rec = state["store"].get_session(sid, tenant=tenant.tenant_id)
-        if rec is None or rec.state not in ACTIVE_STATES:
-            await ws.close(code=4404, reason="session not found or ended")
+        if rec is None:
+            await _ws_deny(ws, 404, f"session {sid!r} not found")
+            return
+        if rec.state not in ACTIVE_STATES:
+            await _ws_deny(ws, 409, f"session {sid} is {rec.state}")
             return
         await ws.accept()
         try:
@@ -443,7 +446,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         if tenant is None:
             return
         if state["store"].get_session(sid, tenant=tenant.tenant_id) is None:
-            await ws.close(code=4404, reason="session not found")
+            await _ws_deny(ws, 404, f"session {sid!r} not found")
             return
         await ws.accept()
         rt = state["runtimes"].get(sid)
@@ -469,8 +472,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         key = key[7:].strip() if key.startswith("Bearer ") else ws.query_params.get("key", "")
         tenant = tenant_for_key(state["store"], key) if key else None
         if tenant is None:
-            await ws.close(code=4401, reason="missing or invalid API key")
+            await _ws_deny(ws, 401, "missing or invalid API key")
         return tenant
+
+    async def _ws_deny(ws: WebSocket, status: int, message: str) -> None:
+        """Refuse a WebSocket handshake with a real HTTP status and the usual JSON error body."""
+        try:
+            await ws.send_denial_response(_error_response(status, message))
+        except RuntimeError:    # the server lacks the denial-response extension: close instead
+            await ws.close(code=4000 + status, reason=message)
 
     def _require_active(rec) -> None:
         if rec.state not in ACTIVE_STATES:

@@ -8,7 +8,6 @@ import shutil
 import struct
 import subprocess
 import time
-import wave
 import zlib
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -130,8 +130,9 @@ def test_tenants_are_isolated_and_keys_are_checked(make_tenant, client, shared_e
     assert client.get("/v1/sessions").status_code == 401
     assert client.get("/v1/sessions", headers=auth("la_" + "x" * 43)).status_code == 401
     assert client.get("/v1/sessions", headers={"Authorization": "Basic abc"}).status_code == 401
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidStatus) as denied:                     # the WebSocket handshake is refused
         read_media_ws({"port": client.base_url.port}, sid, b, timeout_s=5)
+    assert denied.value.response.status_code == 404
     client.delete(f"/v1/sessions/{sid}", headers=auth(a))
 
 
