@@ -62,6 +62,11 @@ log = get_logger(SERVICE)
 class LaneSettings(WorkerSettings):
     lane_id: str = "lane-0"
     lane_partition: int = 0                  # partition of audio-features this lane owns
+    # In a LeaderWorkerSet: lane id = <prefix>-<group index>, partition = base + group index
+    lane_group_index: int | None = None
+    lane_id_prefix: str = ""
+    lane_partition_base: int = 0
+    health_port_by_rank: bool = True         # local: ranks share a host, so rank r serves health_port + r
     lane_pool: str = "default"
     lane_stages: int = 4
     dist_rank: int = 0                       # LWS_WORKER_INDEX in a LeaderWorkerSet
@@ -74,6 +79,11 @@ class LaneSettings(WorkerSettings):
     heartbeat_s: float = 1.0
     compress_frames: bool = False            # zlib the decoded frames on the wire (measured: see docs)
     emit_latents: bool = False               # also put each block's final latent on the frames topic (tests)
+
+    def model_post_init(self, _ctx) -> None:
+        if self.lane_group_index is not None and self.lane_id_prefix:
+            object.__setattr__(self, "lane_id", f"{self.lane_id_prefix}-{self.lane_group_index}")
+            object.__setattr__(self, "lane_partition", self.lane_partition_base + self.lane_group_index)
 
     def init_method(self) -> str:
         if self.dist_init_method:
@@ -297,7 +307,7 @@ def run_lane_rank(s: LaneSettings) -> None:
                     timeout_s=s.rank_timeout_s, heartbeat_s=s.heartbeat_s, threads=s.threads)
     store = StateStore.from_url(s.redis_url.get_secret_value(), namespace=s.redis_namespace)
     reporter = _LogReporter(s.dist_rank)
-    port = 0 if s.health_port == 0 else s.health_port + s.dist_rank
+    port = s.health_port + s.dist_rank if s.health_port and s.health_port_by_rank else s.health_port
     health = HealthServer(s.health_host, port, lambda: reporter.ready, f"{SERVICE}-{spec.stage_name}").start()
     stop = GracefulStop().install()
     source = KafkaLaneSource(s, store, config) if s.dist_rank == 0 else None

@@ -101,6 +101,17 @@ spec:
           value: "$(LWS_WORKER_INDEX)"
         - name: LIVEAVATAR_DIST_WORLD_SIZE
           value: "$(LWS_GROUP_SIZE)"
+        # the lane id is <leaderworkerset>-<group index>; its audio-features partition is base + group index
+        - name: LIVEAVATAR_LANE_GROUP_INDEX
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.labels['leaderworkerset.sigs.k8s.io/group-index']
+        - name: LIVEAVATAR_LANE_ID_PREFIX
+          value: {{ .name | quote }}
+        - name: LIVEAVATAR_LANE_PARTITION_BASE
+          value: {{ .partitionBase | quote }}
+        - name: LIVEAVATAR_HEALTH_PORT_BY_RANK
+          value: "false"
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
