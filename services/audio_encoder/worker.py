@@ -137,6 +137,11 @@ class AudioEncoderWorker:
         if h.seq <= ctx.last_seq:
             DUPLICATES.labels(SERVICE).inc()
             return
+        if not ctx.lane and h.kind == "end":   # ended before it ever got a lane: nothing to generate
+            self._checkpoint(ctx, h.seq)
+            self.store.update_session(ctx.session_id, state="ended")
+            self.sessions.pop(ctx.session_id, None)
+            return
         if not ctx.lane and h.kind != "start":
             ctx.waiting.append(msg)            # the lane is not assigned yet: keep the order
             return
@@ -206,6 +211,10 @@ class AudioEncoderWorker:
             self._assign(ctx)
 
     def _assign(self, ctx: SessionCtx) -> bool:
+        rec = self.store.get_session(ctx.session_id)
+        if rec is None or rec.state in ("ending", "ended", "failed"):   # never resurrect a finished session
+            self.sessions.pop(ctx.session_id, None)
+            return False
         lane = self.store.claim_lane(ctx.session_id, self.s.lane_pool)
         if lane is None:
             self.store.update_session(ctx.session_id, state="waiting")
