@@ -40,3 +40,34 @@ class AudioStage:
             raise RuntimeError("audio: no session started")
         last = self.streaming.flush(self.state)
         return [] if last is None else [last[None]]
+
+
+class BlockPcm:
+    """The PCM of blocks not yet handed out, in order, in constant memory.
+
+    Runners keep each block's samples to mux them with its frames; a stream may run for hours, so
+    samples are dropped as soon as their block is taken.
+    """
+
+    def __init__(self, block_samples: int):
+        self.block_samples = block_samples
+        self.buf = np.zeros(0, dtype=np.float32)
+        self.next_block = 0                   # block whose samples start buf
+
+    def push(self, pcm: np.ndarray) -> None:
+        self.buf = np.concatenate([self.buf, np.asarray(pcm, dtype=np.float32).reshape(-1)])
+
+    def pad_partial(self) -> None:
+        """Zero-pad a trailing partial block (the audio stage pads its features the same way)."""
+        rest = len(self.buf) % self.block_samples
+        if rest:
+            self.buf = np.concatenate([self.buf, np.zeros(self.block_samples - rest, dtype=np.float32)])
+
+    def take(self, block_index: int) -> np.ndarray:
+        """The samples of ``block_index``, which must be the next block."""
+        if block_index != self.next_block:
+            raise ValueError(f"block {block_index} taken out of order (next is {self.next_block})")
+        n = self.block_samples
+        out, self.buf = self.buf[:n], self.buf[n:]
+        self.next_block += 1
+        return out

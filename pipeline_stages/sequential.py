@@ -22,7 +22,7 @@ from models.generator import GenerationOptions, LeadFn, LiveAvatarGenerator, blo
 from models.inputs import prepare_reference, size_for_area
 from models.liveavatar import LiveAvatarModels
 from models.scheduler import FlowMatchScheduler
-from pipeline_stages.audio_stage import AudioStage
+from pipeline_stages.audio_stage import AudioStage, BlockPcm
 from pipeline_stages.decode_stage import DecodeStage
 from pipeline_stages.denoise_stage import DenoiseStage
 from pipeline_stages.package_stage import PackageConfig, PackageStage
@@ -87,7 +87,7 @@ class SequentialRunner:
         self.size: tuple[int, int] | None = None
         self.sink: SinkInputs | None = None
         self.next_block = 0
-        self._pcm = np.zeros(0, dtype=np.float32)
+        self._pcm = BlockPcm(self.audio.block_samples)
 
     # ---- session ----------------------------------------------------------------------------
     def start_session(self, spec: SessionSpec) -> bytes:
@@ -104,7 +104,7 @@ class SequentialRunner:
         self.decode.start_session(sink.motion_latents)
         self.audio.start_session()
         self.next_block = 0
-        self._pcm = np.zeros(0, dtype=np.float32)
+        self._pcm = BlockPcm(self.audio.block_samples)
         if self.package_enabled:
             cfg = self.models.config
             self.package = make_package_stage(size[1], size[0], cfg.fps, cfg.audio.block_frames,
@@ -114,15 +114,12 @@ class SequentialRunner:
     def push_audio(self, pcm: np.ndarray) -> list[BlockResult]:
         """Feed 16 kHz mono float32 PCM; runs and returns every block it completes."""
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
-        self._pcm = np.concatenate([self._pcm, pcm])
+        self._pcm.push(pcm)
         return [self._run(feats) for feats in self.audio.push(pcm)]
 
     def finish(self) -> list[BlockResult]:
         """Zero-pad the last partial block of audio and run it."""
-        n = self.audio.block_samples
-        partial = len(self._pcm) - self.next_block * n
-        if partial > 0:
-            self._pcm = np.concatenate([self._pcm, np.zeros(n - partial, dtype=np.float32)])
+        self._pcm.pad_partial()
         return [self._run(feats) for feats in self.audio.flush()]
 
     def close(self) -> bytes:
@@ -150,8 +147,7 @@ class SequentialRunner:
         b = self.next_block
         latent = self.run_block(b, features)
         frames = self.decode.run(latent)
-        n = self.audio.block_samples
-        audio = self._pcm[b * n:(b + 1) * n]
+        audio = self._pcm.take(b)
         fragment = self.package.push_block(frames.numpy(), audio) if self.package is not None else b""
         self.next_block += 1
         return BlockResult(b, latent, list(self._last_steps), frames, audio, fragment)

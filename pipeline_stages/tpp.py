@@ -49,7 +49,7 @@ import torch
 from models.generator import GenerationOptions, LiveAvatarGenerator, block_noise
 from models.liveavatar import LiveAvatarConfig, build_models
 from models.scheduler import FlowMatchScheduler
-from pipeline_stages.audio_stage import AudioStage
+from pipeline_stages.audio_stage import AudioStage, BlockPcm
 from pipeline_stages.decode_stage import DecodeStage
 from pipeline_stages.denoise_stage import DenoiseStage
 from pipeline_stages.sequential import BlockResult, SessionSpec, make_package_stage, prepare_sink
@@ -457,7 +457,7 @@ class TPPLane:
         self._pending_blocks = 0
         self._audio_stage: AudioStage | None = None
         self._package = None
-        self._pcm = np.zeros(0, dtype=np.float32)
+        self._pcm: BlockPcm | None = None
         self._next_block = 0
         self._results: dict[int, BlockDone] = {}
         self._emit_next = 0
@@ -612,7 +612,7 @@ class TPPLane:
                                     None if spec.leads is None else [int(v) for v in spec.leads]))
         self._audio_stage = AudioStage(self.models.audio)
         self._audio_stage.start_session()
-        self._pcm = np.zeros(0, dtype=np.float32)
+        self._pcm = BlockPcm(self._audio_stage.block_samples)
         self._next_block = self._emit_next = 0
         self._results = {}
         cfg = self.config
@@ -624,17 +624,14 @@ class TPPLane:
     def push_audio(self, pcm: np.ndarray) -> list[BlockResult]:
         """Feed PCM; queues every completed block into the lane and returns the blocks finished so far."""
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
-        self._pcm = np.concatenate([self._pcm, pcm])
+        self._pcm.push(pcm)
         for feats in self._audio_stage.push(pcm):
             self._submit(feats)
         return self.collect(block=False)
 
     def finish(self) -> list[BlockResult]:
         """Flush the last partial block and wait for every queued block."""
-        n = self._audio_stage.block_samples
-        partial = len(self._pcm) - self._next_block * n
-        if partial > 0:
-            self._pcm = np.concatenate([self._pcm, np.zeros(n - partial, dtype=np.float32)])
+        self._pcm.pad_partial()
         for feats in self._audio_stage.flush():
             self._submit(feats)
         out = []
@@ -679,10 +676,9 @@ class TPPLane:
             except queue.Empty:
                 pass
         out: list[BlockResult] = []
-        n = self._audio_stage.block_samples
         while self._emit_next in self._results:
             done = self._results.pop(self._emit_next)
-            audio = self._pcm[done.block_index * n:(done.block_index + 1) * n]
+            audio = self._pcm.take(done.block_index)
             frag = self._package.push_block(done.frames.numpy(), audio) if self._package is not None else b""
             out.append(BlockResult(done.block_index, done.latent, [], done.frames, audio, frag))
             self._emit_next += 1
