@@ -121,8 +121,9 @@ def backend_for(device: torch.device) -> str:
 class Link:
     """Async sends to, and timed receives from, peer ranks on one channel (tag)."""
 
-    def __init__(self, device: torch.device, timeout_s: float, tag: int = TAG_FORWARD):
+    def __init__(self, device: torch.device, timeout_s: float, tag: int = TAG_FORWARD, max_in_flight: int = 2):
         self.device = device
+        self.max_in_flight = max_in_flight   # back-pressure: a fast rank may run this many messages ahead
         self.timeout = _dt.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
         self.tag = tag
@@ -137,6 +138,10 @@ class Link:
         works = [dist.isend(t, peer, tag=self.tag) for t in payload]
         self._pending.append((peer, works, payload))
         self._reap()
+        while len(self._pending) > self.max_in_flight:     # wait for the oldest message to be taken
+            old_peer, old_works, _ = self._pending.pop(0)
+            for w in old_works:
+                self._wait(w, old_peer, "a send", self.timeout)
 
     def recv(self, peer: int, timeout_s: float | None = None) -> Message:
         """Block until the next message from ``peer`` arrives, or raise :class:`LinkTimeout`."""
