@@ -242,7 +242,7 @@ class _StageFailed(RuntimeError):
 def _denoise_loop(spec: RankSpec, models, source: LaneSource | None, report: Reporter) -> None:
     device = torch.device(spec.device)
     fwd = Link(device, spec.timeout_s)
-    anchor = Link(device, spec.timeout_s, tag=TAG_ANCHOR)
+    anchor = Link(device, spec.timeout_s, tag=TAG_ANCHOR, max_in_flight=64)  # a few per session, never block
     generator = LiveAvatarGenerator(models.dit, FlowMatchScheduler(spec.config.scheduler))
     stage = DenoiseStage(generator, spec.rank)
     up, down, decode_rank = spec.rank - 1, spec.rank + 1, spec.steps
@@ -358,7 +358,7 @@ def _to_wire(item) -> tuple[Header, list[torch.Tensor]]:
 def _decode_loop(spec: RankSpec, models, output: LaneOutput, report: Reporter) -> None:
     device = torch.device(spec.device)
     fwd = Link(device, spec.timeout_s)
-    anchor = Link(device, spec.timeout_s, tag=TAG_ANCHOR)
+    anchor = Link(device, spec.timeout_s, tag=TAG_ANCHOR, max_in_flight=64)  # a few per session, never block
     stage = DecodeStage(models.vae)
     up = spec.steps - 1
     reanchor = True
