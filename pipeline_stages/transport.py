@@ -121,7 +121,7 @@ def backend_for(device: torch.device) -> str:
 class Link:
     """Async sends to, and timed receives from, peer ranks on one channel (tag)."""
 
-    def __init__(self, device: torch.device, timeout_s: float, tag: int = TAG_FORWARD, max_in_flight: int = 2):
+    def __init__(self, device: torch.device, timeout_s: float, tag: int = TAG_FORWARD, max_in_flight: int = 1):
         self.device = device
         self.max_in_flight = max_in_flight   # back-pressure: a fast rank may run this many messages ahead
         self.timeout = _dt.timedelta(seconds=timeout_s)

@@ -176,10 +176,8 @@ class AudioEncoderWorker:
             ctx.next_block = int(cur.get("features_block", -1)) + 1
             ctx.pending = np.frombuffer(cur.get("audio_pending", b""), dtype="<f4").copy()
         rec = self.store.get_session(h.session_id)
-        if rec is not None and rec.lane:
-            info = self.store.get_lane(rec.lane)
-            if info is not None and info.get("session") == h.session_id:
-                ctx.lane, ctx.partition = rec.lane, int(info["partition"])
+        if rec is not None and rec.lane and self.store.lane_session(rec.lane) == h.session_id and cur:
+            ctx.lane, ctx.partition = rec.lane, int(cur.get("lane_partition", -1))
         self.sessions[h.session_id] = ctx
         return ctx
 
@@ -221,6 +219,7 @@ class AudioEncoderWorker:
             return False
         info = self.store.get_lane(lane) or {}
         ctx.lane, ctx.partition = lane, int(info.get("partition", -1))
+        self.store.set_cursor(ctx.session_id, lane_partition=ctx.partition)
         self.store.update_session(ctx.session_id, state="active", lane=lane)
         self._send(ctx, Features(session_id=ctx.session_id, tenant_id=ctx.tenant_id, seq=-1, kind="start",
                                  lane_id=lane))

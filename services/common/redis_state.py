@@ -10,6 +10,7 @@ Every key is namespaced (``<ns>:``, default ``la``) and expires. The layout::
     la:cursor:{sid}             hash   audio_seq, audio_pending, features_block, lane_block,
                                        media_block, acked_block                                        TTL session
     la:lane:{lane_id}           hash   partition, pool, status, session, heartbeat, drain              TTL heartbeat
+    la:lanesession:{lane_id}    str    the session a lane serves; outlives the lane's heartbeat TTL    TTL session
     la:lanes                    zset   lane id -> partition                                             (members expire
                                                                                                         with their hash)
     la:usage:{tid}:{yyyymmdd}   float  seconds of video generated                                       TTL 2 days
@@ -69,6 +70,7 @@ for _, lane in ipairs(lanes) do
     local draining = redis.call('HGET', key, 'drain')
     if status == 'idle' and draining ~= '1' and (ARGV[3] == '' or pool == ARGV[3]) then
       redis.call('HSET', key, 'status', 'serving', 'session', ARGV[2])
+      redis.call('SET', ARGV[1] .. ':lanesession:' .. lane, ARGV[2], 'EX', ARGV[4])
       return lane
     end
   else
@@ -181,10 +183,15 @@ class StateStore:
 
     # ---- lanes ---------------------------------------------------------------------------------
     def register_lane(self, lane_id: str, partition: int, pool: str = "default") -> None:
-        """Announce a lane (idle unless it already serves a session) and start its heartbeat TTL."""
+        """Announce a lane and start its heartbeat TTL. A lane that restarts (even after its heartbeat key
+        expired) comes back serving the session it was assigned, if that assignment is still recorded."""
         key = self.k("lane", lane_id)
+        serving = self.lane_session(lane_id)
         p = self.r.pipeline()
-        p.hsetnx(key, "status", "idle")
+        if serving:
+            p.hset(key, mapping={"status": "serving", "session": serving})
+        else:
+            p.hsetnx(key, "status", "idle")
         p.hset(key, mapping={"partition": partition, "pool": pool, "heartbeat": time.time()})
         p.expire(key, LANE_TTL_S)
         p.zadd(self.k("lanes"), {lane_id: partition})
@@ -211,14 +218,20 @@ class StateStore:
 
     def claim_lane(self, session_id: str, pool: str = "") -> str | None:
         """Atomically take an idle live lane for the session; None when every lane is busy."""
-        lane = self._claim(keys=[self.k("lanes")], args=[self.ns, session_id, pool])
+        lane = self._claim(keys=[self.k("lanes")], args=[self.ns, session_id, pool, self.ttl])
         return lane.decode() if lane else None
+
+    def lane_session(self, lane_id: str) -> str:
+        """The session assigned to a lane ("" when none), independent of the lane's heartbeat."""
+        v = self.r.get(self.k("lanesession", lane_id))
+        return v.decode() if v else ""
 
     def release_lane(self, lane_id: str, session_id: str) -> None:
         """Mark the lane idle again, but only if it still serves this session."""
-        script = ("if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then "
+        script = ("if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end "
+                  "if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then "
                   "redis.call('HSET', KEYS[1], 'status', 'idle', 'session', '') return 1 end return 0")
-        self.r.eval(script, 1, self.k("lane", lane_id), session_id)
+        self.r.eval(script, 2, self.k("lane", lane_id), self.k("lanesession", lane_id), session_id)
 
     def set_lane_drain(self, lane_id: str, drain: bool) -> None:
         """A draining lane takes no new session (the lane controller drains before it scales down)."""

@@ -18,6 +18,7 @@ its Kafka offset at the block the replay would start from, so those blocks are s
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ class KafkaLaneSource:
         self.s, self.store, self.config = s, store, config
         self.tp = TopicPartition(topics.name(topics.AUDIO_FEATURES), s.lane_partition)
         self.consumer = make_consumer(s.kafka_bootstrap, group_id=f"lane-{s.lane_id}", topics=None,
-                                      max_poll_records=8)
+                                      max_poll_records=2)   # read little ahead: interrupts act on what is queued
         self.consumer.assign([self.tp])
         self.pending: collections.deque = collections.deque()
         self.offsets: dict[int, int] = {}     # block index -> offset (recent blocks of the current session)
@@ -155,10 +156,9 @@ class KafkaLaneSource:
 
     def _resume(self) -> None:
         """After a restart: continue the session this lane was serving, if any."""
-        info = self.store.get_lane(self.s.lane_id) or {}
-        sid = info.get("session", "")
+        sid = self.store.lane_session(self.s.lane_id)     # outlives the heartbeat of a lane that restarted
         rec = self.store.get_session(sid) if sid else None
-        if info.get("status") != "serving" or rec is None or rec.state not in ("active",):
+        if rec is None or rec.state not in ("active", "ending"):
             return
         resume = self.store.cursor_int(sid, "lane_block") + 1
         replay_from = max(0, resume - self.config.dit.kv_cache_blocks)
@@ -190,15 +190,22 @@ class KafkaLaneSource:
             self._commit()
             self._export_lag()
             self._last_commit = now
-        if self.pending:
-            return self.pending.popleft()
-        batch = self.consumer.poll(timeout_ms=int(timeout * 1000))
-        for recs in batch.values():
-            for rec in recs:
-                item = self._convert(rec)
-                if item is not None:
-                    self.pending.append(item)
-        return self.pending.popleft() if self.pending else None
+        if not self.pending:
+            batch = self.consumer.poll(timeout_ms=int(timeout * 1000))
+            for recs in batch.values():
+                for rec in recs:
+                    item = self._convert(rec)
+                    if item is not None:
+                        self.pending.append(item)
+        return self._interrupted(self.pending.popleft()) if self.pending else None
+
+    def _interrupted(self, item):
+        """A block the session interrupted before the lane started it becomes silence (the avatar goes idle)."""
+        sv = self.serving
+        if (isinstance(item, Block) and sv is not None and sv.silence is not None and not item.replay
+                and item.block_index <= self.store.cursor_int(sv.session_id, "drop_until")):
+            return dataclasses.replace(item, audio=sv.silence, pcm=torch.zeros_like(item.pcm))
+        return item
 
     def _convert(self, rec):
         try:
@@ -228,10 +235,8 @@ class KafkaLaneSource:
                 return None
             sv.max_seen = b
             self.offsets[b] = rec.offset
-            feats, pcm = tensor_to_torch(msg.tensors["features"]), tensor_to_torch(msg.tensors["pcm"])
-            if b <= self.store.cursor_int(sv.session_id, "drop_until") and sv.silence is not None:
-                feats, pcm = sv.silence, torch.zeros_like(pcm)        # interrupted: queued speech -> idle
-            return Block(sv.session_no, b, feats, pcm, replay=b < sv.next_block)
+            return Block(sv.session_no, b, tensor_to_torch(msg.tensors["features"]),
+                         tensor_to_torch(msg.tensors["pcm"]), replay=b < sv.next_block)
         if h.kind == "end":
             return EndSession(sv.session_no)
         return None
