@@ -1,0 +1,278 @@
+"""The session API's web page in a real browser: headless Chromium driven over the DevTools protocol.
+
+The page is loaded from the live stack (`liveavatar up` with the session API) with ``?key=...``; the test
+clicks the page's own buttons: start a session with an example avatar, then send speech by each of the
+page's three paths (example speech fetched, decoded and resampled to 16 kHz by WebAudio and streamed over
+the audio WebSocket at real time; the microphone, Chromium's fake capture device, through an AudioWorklet;
+a WAV file upload). It checks that the video, fed through Media Source Extensions from the media
+WebSocket, plays: ``currentTime`` advances, frames are presented, and the frame the browser draws has the
+colour of the frames PyAV decodes from the same session. The session uses ``idle: "pause"``, so any video
+at all proves that the browser's audio reached the lane. Screenshots go to ``test-artifacts/``.
+
+Chromium is driven with a few lines of DevTools protocol over the ``websockets`` package (no driver,
+no Playwright). The test is skipped only when ``/usr/bin/chromium`` is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from websockets.sync.client import connect
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic", "--autoplay-policy=no-user-gesture-required",
+    "--disable-dev-shm-usage", "--mute-audio", "--window-size=1280,900",
+    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",    # a beeping fake microphone
+]
+
+
+class CdpError(RuntimeError):
+    """A DevTools protocol command failed, or JavaScript evaluated in the page threw."""
+
+
+class Cdp:
+    """A minimal DevTools protocol client for one page target: commands in, results (and events) out."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+        self.console: list[str] = []
+
+    def call(self, method: str, timeout: float = 30.0, **params) -> dict:
+        self.next_id += 1
+        my_id = self.next_id
+        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if msg.get("id") == my_id:
+                if "error" in msg:
+                    raise CdpError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            self._event(msg)
+
+    def _event(self, msg: dict) -> None:
+        method, p = msg.get("method"), msg.get("params", {})
+        if method == "Runtime.consoleAPICalled":
+            self.console.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+        elif method == "Runtime.exceptionThrown":
+            d = p.get("exceptionDetails", {})
+            self.console.append(f"EXCEPTION {d.get('exception', {}).get('description', d.get('text'))}")
+
+    def js(self, expression: str, await_promise: bool = False):
+        """Evaluate ``expression`` in the page; its value (JSON-serialisable) or CdpError if it threw."""
+        res = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=await_promise)
+        if "exceptionDetails" in res:
+            d = res["exceptionDetails"]
+            raise CdpError(f"{expression[:80]!r} threw: {d.get('exception', {}).get('description', d.get('text'))}")
+        return res["result"].get("value")
+
+    def wait_for(self, expression: str, timeout_s: float, what: str, poll_s: float = 0.25):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(poll_s)
+        status = self.js("document.getElementById('status') && document.getElementById('status').textContent")
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; page status: {status!r}; "
+                             f"console tail: {self.console[-15:]}")
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Pids of live (non-zombie) processes in process group ``pgid``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+@contextmanager
+def chromium(profile: Path, log_path: Path):
+    """Headless Chromium in its own process group, DevTools on an ephemeral 127.0.0.1 port; yields the port.
+    On exit the whole group is stopped and the test fails if any process of it is left."""
+    profile.mkdir(parents=True, exist_ok=True)
+    argv = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0", "about:blank"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if proc.poll() is not None:
+                raise AssertionError(f"chromium exited ({proc.returncode}): {log_path.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"chromium opened no DevTools port in 60 s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield int(port_file.read_text().split()[0])
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while _group_alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not _group_alive(proc.pid):
+                break
+        proc.wait(timeout=5)
+        assert not _group_alive(proc.pid), f"chromium left processes behind: {_group_alive(proc.pid)}"
+
+
+def _page_target(port: int) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as r:
+            pages = [t for t in json.load(r) if t.get("type") == "page"]
+        if pages:
+            return pages[0]["webSocketDebuggerUrl"]
+        time.sleep(0.2)
+    raise AssertionError("chromium has no page target")
+
+
+def _decoded_frames(api_stack, sid: str, key: str, until_block: int) -> list[np.ndarray]:
+    """The session's video from block 0 to ``until_block`` (read again from the media WebSocket's buffer),
+    decoded by PyAV: RGB frames [H, W, 3]."""
+    data = b""
+    url = f"ws://127.0.0.1:{api_stack['port']}/v1/sessions/{sid}/media?key={key}&from_block=0"
+    with connect(url, max_size=None) as ws:
+        while True:
+            head = json.loads(ws.recv(timeout=60))
+            data += ws.recv(timeout=30) if head["bytes"] else b""
+            if head["type"] == "end" or (head["type"] == "fragment" and head["block"] >= until_block):
+                break
+    with av.open(io.BytesIO(data)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+AUDIO_SOURCES = {
+    # source: (avatar, how the page sends speech)
+    "example_speech": ("kitchen_grandmother", "fetch + WebAudio decode/resample to 16 kHz, audio WebSocket, real time"),
+    "microphone": ("cyclops_baker", "getUserMedia (Chromium's fake device) + AudioWorklet, audio WebSocket"),
+    "upload": ("music_producer", "a WAV file chosen in the file input, POST /v1/sessions/{id}/audio"),
+}
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (apt-get install chromium)")
+@pytest.mark.parametrize("source", list(AUDIO_SOURCES))
+def test_the_web_page_plays_a_live_session_in_chromium(source, api_stack, make_tenant, shared_examples, tmp_path):
+    key = make_tenant(f"browser-{source.replace('_', '-')}")
+    avatar, how = AUDIO_SOURCES[source]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with chromium(tmp_path / "profile", ARTIFACTS / f"chromium-{source}.log") as port:
+        with connect(_page_target(port), max_size=None, open_timeout=30) as ws:
+            cdp = Cdp(ws)
+            # 1. Load the page with the key in the address; the key field is filled from it.
+            cdp.call("Page.enable")
+            cdp.call("Runtime.enable")
+            cdp.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
+            cdp.call("Page.navigate", url=f"{api_stack['base']}/?key={key}")
+            cdp.wait_for("document.readyState === 'complete' && !!window.liveAvatar", 30, "the page to load")
+            assert cdp.js("document.getElementById('key').value") == key
+
+            # 2. Choose an example avatar, no idle motion (video only from the speech), start the session.
+            cdp.js(f"""(() => {{ const a = document.getElementById('avatar'); a.value = '{avatar}';
+                       a.dispatchEvent(new Event('change'));
+                       document.getElementById('idle').value = 'pause';
+                       document.getElementById('start').click(); }})()""")
+            sid = cdp.wait_for("window.liveAvatar.state.sid", 30, "the session to be created")
+            with httpx.Client(base_url=api_stack["base"], timeout=30,
+                              headers={"Authorization": f"Bearer {key}"}) as client:
+                assert client.get(f"/v1/sessions/{sid}").status_code == 200
+
+                # 3. Send speech through the page's own controls.
+                cdp.wait_for("!document.getElementById('play-example').disabled", 10, "the speech buttons")
+                if source == "example_speech":
+                    assert cdp.js("document.getElementById('speech').value") == avatar   # follows the avatar
+                    cdp.js("document.getElementById('play-example').click()")
+                elif source == "microphone":
+                    cdp.js("document.getElementById('record').click()")
+                else:
+                    doc = cdp.call("DOM.getDocument")["root"]["nodeId"]
+                    node = cdp.call("DOM.querySelector", nodeId=doc, selector="#audio-file")["nodeId"]
+                    cdp.call("DOM.setFileInputFiles", nodeId=node, files=[str(shared_examples / f"{avatar}.wav")])
+                    cdp.js("document.getElementById('upload-audio').click()")
+                cdp.wait_for("window.liveAvatar.state.audioStart !== null", 30, "the first audio to be sent")
+
+                # 4. The video plays: the init segment gave a codec string MSE accepts, currentTime advances.
+                cdp.wait_for("document.getElementById('video').currentTime > 1.0", 150,
+                             f"the video to play 1 s of speech sent by {how}")
+                codec = cdp.js("window.liveAvatar.state.codec")
+                assert codec.startswith('video/mp4; codecs="avc1.') and "mp4a.40.2" in codec, codec
+                t1 = cdp.js("document.getElementById('video').currentTime")
+                cdp.wait_for(f"document.getElementById('video').currentTime > {t1} + 0.5", 20,
+                             f"the video to advance from {t1:.2f} s")
+
+                # 5. Frames were presented (requestVideoFrameCallback) and latency was measured.
+                stats = cdp.wait_for("""(() => { const s = window.liveAvatar.state;
+                    return s.firstFrameShown !== null && s.presented >= 12 && {blocks: s.blocks,
+                        presented: s.presented, fragMs: s.firstFragAfterAudio, frameMs: s.firstFrameShown}; })()""",
+                                     60, "a block's worth of frames of the speech to be shown")
+                assert stats["blocks"] >= 2, stats
+                assert 0 < stats["fragMs"] <= stats["frameMs"], stats
+
+                # 6. The browser shows the stream's pixels: its drawn frame has the colour of the frames PyAV
+                #    decodes from the same session's fragments (tiny random-weight models draw a near-uniform
+                #    image, so the mean colour is compared), and is opaque, not a blank element.
+                shown = cdp.js("""(() => { const v = document.getElementById('video');
+                    const c = document.createElement('canvas'); c.width = v.videoWidth; c.height = v.videoHeight;
+                    const g = c.getContext('2d'); g.drawImage(v, 0, 0);
+                    const d = g.getImageData(0, 0, c.width, c.height).data; const m = [0, 0, 0]; let a = 255;
+                    for (let i = 0; i < d.length; i += 4) { m[0] += d[i]; m[1] += d[i + 1]; m[2] += d[i + 2];
+                      a = Math.min(a, d[i + 3]); }
+                    const n = d.length / 4;
+                    return {w: c.width, h: c.height, mean: m.map((x) => x / n), alpha: a,
+                            block: window.liveAvatar.state.lastBlock}; })()""")
+                frames = _decoded_frames(api_stack, sid, key, until_block=shown["block"])
+                server_mean = np.mean([f.reshape(-1, 3).mean(axis=0) for f in frames], axis=0)
+                assert (shown["w"], shown["h"]) == frames[0].shape[1::-1], (shown, frames[0].shape)
+                assert shown["alpha"] == 255
+                assert np.abs(np.asarray(shown["mean"]) - server_mean).max() < 6.0, (shown["mean"], server_mean)
+
+                # 7. Screenshot artifact: a valid PNG of the page.
+                shot = base64.b64decode(cdp.call("Page.captureScreenshot", format="png")["data"])
+                out = ARTIFACTS / f"browser-{source}.png"
+                out.write_bytes(shot)
+                assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+                with Image.open(io.BytesIO(shot)) as img:
+                    img.verify()
+                with Image.open(out) as img:
+                    assert img.format == "PNG" and img.size[0] >= 640 and img.size[1] >= 400
+
+                # 8. End through the page (which stops the recording): the session leaves the active states.
+                cdp.js("document.getElementById('end').click()")
+                cdp.wait_for("document.getElementById('status').textContent === 'session ended'", 30,
+                             "the session to end")
+                assert client.get(f"/v1/sessions/{sid}").json()["state"] in ("ending", "ended")
+            errors = [m for m in cdp.console if m.startswith("EXCEPTION") or "error:" in m]
+            assert not errors, errors
