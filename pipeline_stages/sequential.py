@@ -122,8 +122,17 @@ class SequentialRunner:
         self._pcm.pad_partial()
         return [self._run(feats) for feats in self.audio.flush()]
 
+    def generate(self, pcm: np.ndarray):
+        """The whole audio, fed one block at a time, yielding each block as it is made."""
+        n = self.audio.block_samples
+        for i in range(0, len(pcm), n):
+            yield from self.push_audio(pcm[i:i + n])
+        yield from self.finish()
+
     def close(self) -> bytes:
         return self.package.close() if self.package is not None else b""
+
+    close_session = close          # the same name as the TPP lane's
 
     def run_block(self, block_index: int, audio_features: Tensor, noise: Tensor | None = None) -> Tensor:
         """Denoise one block through the 4 stages in order; returns its final latent."""

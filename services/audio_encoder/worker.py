@@ -35,12 +35,12 @@ from models.inputs import InputError, load_image
 from models.liveavatar import LiveAvatarConfig, build_models
 from pipeline_stages.sequential import SessionSpec as _Spec
 from pipeline_stages.sequential import prepare_sink
-from services.common.health import ACTIVE_SESSIONS, BLOCK_LATENCY, BLOCKS, DUPLICATES, HealthServer
+from services.common.health import BLOCK_LATENCY, BLOCKS, DUPLICATES
 from services.common.kafka import make_consumer, make_producer
 from services.common.logging import get_logger
 from services.common.messages import AudioIn, Features, Tensor, WireError, decode, encode, tensor_from_torch
 from services.common.redis_state import StateStore
-from services.common.worker import GracefulStop, WorkerSettings, update_lag
+from services.common.worker import GracefulStop, WorkerSettings, run_consume_loop
 
 SERVICE = "audio-encoder"
 log = get_logger(SERVICE)
@@ -97,31 +97,10 @@ class AudioEncoderWorker:
 
     # ---- loop ----------------------------------------------------------------------------------
     def run(self) -> None:
-        self.stop.install()
-        health = HealthServer(self.s.health_host, self.s.health_port, lambda: self.ready, SERVICE).start()
-        log.info("started", health_port=health.port, backend=self.s.backend)
-        try:
-            while not self.stop.stopping:
-                batch = self.consumer.poll(timeout_ms=self.s.poll_ms)
-                self.ready = True
-                for _tp, records in batch.items():
-                    for rec in records:
-                        self._handle_raw(rec.value)
-                self._retry_waiting()
-                if batch:
-                    self.producer.flush()
-                    self.consumer.commit()
-                update_lag(self.consumer, SERVICE)
-                ACTIVE_SESSIONS.labels(SERVICE).set(len(self.sessions))
-        finally:
-            log.info("stopping: draining")
-            self.producer.flush()
-            try:
-                self.consumer.commit()
-            finally:
-                self.consumer.close()
-                self.producer.close()
-                health.stop()
+        log.info("backend", backend=self.s.backend)
+        run_consume_loop(SERVICE, self.s, self.consumer, self.producer, self._handle_raw, self.stop,
+                         lambda: self.ready, lambda: setattr(self, "ready", True),
+                         after_poll=self._retry_waiting, active_sessions=lambda: len(self.sessions))
 
     def _handle_raw(self, raw: bytes) -> None:
         try:

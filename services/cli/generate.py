@@ -7,6 +7,7 @@ Single process by default (the sequential runner); ``--tpp`` runs the same job t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -83,39 +84,26 @@ def _run(args: argparse.Namespace) -> int:
     latents: dict[str, torch.Tensor] = {}
     frames = 0
     bar = tqdm(total=n_blocks, unit="block", disable=args.no_progress, file=sys.stderr)
-    with open(out, "wb") as f:
-        if args.tpp:
-            from pipeline_stages.tpp import TPPLane
+    if args.tpp:    # the same job through a 5-process lane; the parent only encodes audio and packages
+        from pipeline_stages.tpp import TPPLane
 
-            lane = TPPLane(config, device=args.device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
-                           lora=args.lora, threads_per_rank=args.threads or 1)
-            with lane:
-                t_start = time.monotonic()
-                f.write(lane.start_session(spec))
-                for res in lane.generate(pcm):
-                    f.write(res.fragment)
-                    f.flush()
-                    frames += res.frames.shape[0]
-                    if args.dump_latents:
-                        latents[f"block_{res.block_index:06d}"] = res.latent.float().cpu().contiguous()
-                    bar.update(1)
-                f.write(lane.close_session())
-        else:
-            models = build_models(config, device=device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
-                                  lora=args.lora)
-            runner = SequentialRunner(models)
-            t_start = time.monotonic()
-            f.write(runner.start_session(spec))
-            for i in range(0, len(pcm), block_samples):
-                for res in runner.push_audio(pcm[i:i + block_samples]) + (
-                        runner.finish() if i + block_samples >= len(pcm) else []):
-                    f.write(res.fragment)
-                    f.flush()
-                    frames += res.frames.shape[0]
-                    if args.dump_latents:
-                        latents[f"block_{res.block_index:06d}"] = res.latent.float().cpu().contiguous()
-                    bar.update(1)
-            f.write(runner.close())
+        runner = TPPLane(config, device=args.device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
+                         lora=args.lora, threads_per_rank=args.threads or 1)
+    else:
+        models = build_models(config, device=device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
+                              lora=args.lora)
+        runner = contextlib.nullcontext(SequentialRunner(models))
+    with open(out, "wb") as f, runner as r:
+        t_start = time.monotonic()
+        f.write(r.start_session(spec))
+        for res in r.generate(pcm):
+            f.write(res.fragment)
+            f.flush()
+            frames += res.frames.shape[0]
+            if args.dump_latents:
+                latents[f"block_{res.block_index:06d}"] = res.latent.float().cpu().contiguous()
+            bar.update(1)
+        f.write(r.close_session())
     bar.close()
     elapsed = time.monotonic() - t_start
     if args.dump_latents:

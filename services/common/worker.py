@@ -54,3 +54,41 @@ def update_lag(consumer, service: str) -> dict[str, int]:
     for topic, value in lag.items():
         QUEUE_LAG.labels(service, topic).set(value)
     return lag
+
+
+def run_consume_loop(name: str, settings: WorkerSettings, consumer, producer, handle, stop: GracefulStop,
+                     is_ready, set_ready, after_poll=None, active_sessions=None) -> None:
+    """The loop of a Kafka worker: poll, handle each record in order, flush what was produced, then commit
+    (so a crash re-reads only records whose output may be missing: consumers are idempotent), export lag.
+    On SIGTERM: drain (flush + commit) and close. Serves /healthz, /readyz, /metrics meanwhile."""
+    from services.common.health import ACTIVE_SESSIONS, HealthServer
+    from services.common.logging import get_logger
+
+    log = get_logger(name)
+    stop.install()
+    health = HealthServer(settings.health_host, settings.health_port, is_ready, name).start()
+    log.info("started", health_port=health.port)
+    try:
+        while not stop.stopping:
+            batch = consumer.poll(timeout_ms=settings.poll_ms)
+            set_ready()
+            for records in batch.values():
+                for rec in records:
+                    handle(rec.value)
+            if after_poll is not None:
+                after_poll()
+            if batch:
+                producer.flush()
+                consumer.commit()
+            update_lag(consumer, name)
+            if active_sessions is not None:
+                ACTIVE_SESSIONS.labels(name).set(active_sessions())
+    finally:
+        log.info("stopping: draining")
+        producer.flush()
+        try:
+            consumer.commit()
+        finally:
+            consumer.close()
+            producer.close()
+            health.stop()

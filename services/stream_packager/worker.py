@@ -17,12 +17,12 @@ import time
 from infra import topics
 from pipeline_stages.package_stage import PackageStage
 from pipeline_stages.sequential import make_package_stage
-from services.common.health import ACTIVE_SESSIONS, BLOCK_LATENCY, BLOCKS, DUPLICATES, FPS, HealthServer
+from services.common.health import BLOCK_LATENCY, BLOCKS, DUPLICATES, FPS
 from services.common.kafka import make_consumer, make_producer
 from services.common.logging import get_logger
 from services.common.messages import Frames, Media, Tensor, WireError, decode, encode
 from services.common.redis_state import StateStore
-from services.common.worker import GracefulStop, WorkerSettings, update_lag
+from services.common.worker import GracefulStop, WorkerSettings, run_consume_loop
 
 SERVICE = "stream-packager"
 log = get_logger(SERVICE)
@@ -44,30 +44,9 @@ class PackagerWorker:
         self.t_last = time.monotonic()
 
     def run(self) -> None:
-        self.stop.install()
-        health = HealthServer(self.s.health_host, self.s.health_port, lambda: self.ready, SERVICE).start()
-        log.info("started", health_port=health.port)
-        try:
-            while not self.stop.stopping:
-                batch = self.consumer.poll(timeout_ms=self.s.poll_ms)
-                self.ready = True
-                for recs in batch.values():
-                    for rec in recs:
-                        self._handle(rec.value)
-                if batch:
-                    self.producer.flush()
-                    self.consumer.commit()
-                update_lag(self.consumer, SERVICE)
-                ACTIVE_SESSIONS.labels(SERVICE).set(len(self.stages))
-        finally:
-            log.info("stopping: draining")
-            self.producer.flush()
-            try:
-                self.consumer.commit()
-            finally:
-                self.consumer.close()
-                self.producer.close()
-                health.stop()
+        run_consume_loop(SERVICE, self.s, self.consumer, self.producer, self._handle, self.stop,
+                         lambda: self.ready, lambda: setattr(self, "ready", True),
+                         active_sessions=lambda: len(self.stages))
 
     def _handle(self, raw: bytes) -> None:
         try:

@@ -16,7 +16,7 @@ from services.cli import stack_cmd
 def api_stack(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("api-stack")
     env = {"LIVEAVATAR_MAX_QUEUED_AUDIO_S": "6"}
-    res = stack_cmd.up(run_dir, lanes=2, api=True, env=env, timeout_s=300)
+    res = stack_cmd.up(run_dir, lanes=2, api=True, env=env, timeout_s=600)
     port = res["services"]["session-api"]["ports"][0]
     yield {"run_dir": run_dir, "info": res["infra"], "base": f"http://127.0.0.1:{port}", "port": port}
     pids = stack_cmd._all_pids(run_dir)

@@ -41,7 +41,7 @@ BLOCK = 7680
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stack")
-    res = stack_cmd.up(run_dir, lanes=2, api=False, env={"LIVEAVATAR_EMIT_LATENTS": "true"}, timeout_s=300)
+    res = stack_cmd.up(run_dir, lanes=2, api=False, env={"LIVEAVATAR_EMIT_LATENTS": "true"}, timeout_s=600)
     info = res["infra"]
     store = StateStore.from_url(info.redis_url)
     producer = make_producer(info.kafka_bootstrap)
