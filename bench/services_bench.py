@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/services_bench.py                       # ~4-6 min on 2 cores
+    .venv/bin/python bench/services_bench.py                       # ~3-5 min on 2 cores
     .venv/bin/python bench/services_bench.py --json /tmp/s.json --doc none
     .venv/bin/python bench/services_bench.py --wire-only           # part 3 only, no stack (~20 s)
 
@@ -12,10 +12,12 @@ What it measures (tiny configuration on this CPU, real example inputs from ``/wo
      at once; (b) the same audio through the local stack (``liveavatar up``: audio-encoder -> lane of 5
      processes -> stream-packager over the broker), pushed all at once. Seconds per block = time from the
      first block out (fragment) to the last, divided by the number of intervals; the difference is the
-     per-block overhead of the services path.
+     per-block overhead of the services path. Also the CPU seconds per block of every process involved
+     (from /proc; fairer than wall time on a shared machine) and the CPU the idle stack burns.
   2. End-to-end latency: audio pushed at real time (one 0.48 s block of PCM every 0.48 s, one message per
      block); for block k, the time from the publish of the chunk that completes block k to the arrival
-     of media fragment k at a :class:`~services.common.session_io.MediaCollector`; p50 / p99 / max.
+     of media fragment k at a :class:`~services.common.session_io.MediaCollector`; p50 / p99 / max, split
+     into hops with the Kafka record timestamps; and the same feed through the in-process TPPLane.
   3. Broker throughput per session at the REFERENCE resolution (704x384, 25 x 1024 audio features),
      from the real wire encoding (``services.common.messages.encode``) of one block of every message
      type: raw and bf16 features, raw and zlib frames on realistic content (a real example image resized
@@ -211,8 +213,9 @@ def wire_sizes() -> dict:
 # Part 1a: the in-process TPP lane
 # ---------------------------------------------------------------------------------------------
 
-def tpp_inprocess(image: bytes, pcm: np.ndarray) -> dict:
-    """TPPLane, the whole audio pushed at once; arrival time of every block result (fragment made)."""
+def tpp_inprocess(image: bytes, pcm: np.ndarray, pcm_rt: np.ndarray) -> dict:
+    """TPPLane: ``pcm`` pushed at once (arrival time of every block result, fragment made), then a second
+    session with ``pcm_rt`` pushed at real time (latency from push to result, as in part 2)."""
     import torch
 
     from models.inputs import load_image
@@ -237,9 +240,29 @@ def tpp_inprocess(image: bytes, pcm: np.ndarray) -> dict:
         cpu = cpu_seconds(pids) - cpu0
         lane.finish()
         lane.close_session()
+        lane.start_session(SessionSpec(load_image(image, 50_000_000), "", seed=2))
+        n_rt = len(pcm_rt) // BLOCK
+        pub: dict[int, float] = {}
+        arr: dict[int, float] = {}
+        t0, k = time.monotonic(), 0
+        while len(arr) < n_rt:
+            if k < n_rt and time.monotonic() >= t0 + k * BLOCK_S:
+                pub[k] = time.monotonic()
+                results = lane.push_audio(pcm_rt[k * BLOCK:(k + 1) * BLOCK])
+                k += 1
+            else:
+                results = lane.collect(block=False)
+                time.sleep(0.002)
+            for r in results:
+                arr[r.block_index] = time.monotonic()
+        lane.finish()
+        lane.close_session()
+        rt = [arr[b] - pub[b] for b in range(n_rt)]
     return {"blocks": n, "lane_start_s": r3(t_ready), "first_block_s": r3(times[0] - t_push),
             "s_per_block": r3(per_block(times)), "blocks_per_s": r3(1 / per_block(times)),
             "cpu_s_per_block": r3(cpu / n), "processes": len(pids),
+            "realtime": {"blocks": n_rt, "p50_s": r3(pct(rt, 50)), "p99_s": r3(pct(rt, 99)), "max_s": r3(max(rt)),
+                         "latency_s": [r3(x) for x in rt]},
             "intervals_s": [r3(b - a) for a, b in zip(times, times[1:])]}
 
 
@@ -377,9 +400,12 @@ def services_burst(st: Stack, image: bytes, pcm: np.ndarray) -> dict:
     from services.common.session_io import publish_pcm
 
     n = len(pcm) // BLOCK
+    pids = st.pids()
+    idle0, t_idle = cpu_seconds(pids), time.monotonic()
+    time.sleep(3.0)                                   # the stack idle: what its polling loops cost
+    idle_cores = (cpu_seconds(pids) - idle0) / (time.monotonic() - t_idle)
     sid, t_start = st.start(image, seed=1)
     st.wait_active(sid)
-    pids = st.pids()
     cpu0 = cpu_seconds(pids)
     t_push = time.monotonic()
     seq = publish_pcm(st.producer, sid, "bench", pcm, 1, chunk=BLOCK)
@@ -400,7 +426,7 @@ def services_burst(st: Stack, image: bytes, pcm: np.ndarray) -> dict:
     return {"blocks": n, "first_fragment_after_push_s": r3(times[0] - t_push),
             "start_to_first_fragment_s": r3(times[0] - t_start),
             "s_per_block": r3(per_block(times)), "blocks_per_s": r3(1 / per_block(times)),
-            "cpu_s_per_block": r3(cpu / n), "processes": len(pids),
+            "cpu_s_per_block": r3(cpu / n), "processes": len(pids), "idle_cpu_cores": r3(idle_cores),
             "max_head_lag_blocks": max([x for x in lags if x == x], default=float("nan")),
             "intervals_s": [r3(b - a) for a, b in zip(times, times[1:])], **st.check_stream(sid, n)}
 
@@ -581,23 +607,30 @@ def markdown(res: dict) -> str:
                   f"| stream complete and in order | yes | {'yes' if b['complete_and_ordered'] else 'NO'} | |",
                   ""]
         lines.append(f"Peak lag exported by the lane head during the burst (liveavatar_queue_lag_messages): "
-                     f"{b['max_head_lag_blocks']} blocks. Stack start (`up`, ready): {res['stack_up_s']:.1f} s.")
+                     f"{b['max_head_lag_blocks']} blocks. Stack start (`up`, ready): {res['stack_up_s']:.1f} s. "
+                     f"CPU of the idle stack (no session): {b['idle_cpu_cores']:.2f} cores.")
         lines.append("")
     if "realtime" in res:
         r = res["realtime"]
-        lines += ["| 2. end-to-end latency at real time (publish of block k -> media fragment k) | seconds |",
-                  "| --- | --- |",
-                  f"| p50 over {r['blocks']} blocks | {r['p50_s']:.3f} |",
-                  f"| p99 over {r['blocks']} blocks | {r['p99_s']:.3f} |",
-                  f"| max | {r['max_s']:.3f} |",
-                  f"| block 0 | {r['block0_s']:.3f} |",
-                  f"| p50 / p99 without block 0 | {r['p50_excl_block0_s']:.3f} / {r['p99_excl_block0_s']:.3f} |",
-                  f"| trend (mean of last 10 minus mean of blocks 1-10) | {r['latency_trend_s']:+.3f} |",
-                  f"| session start -> lane assigned | {r['start_to_active_s']:.2f} |",
+        tr = res.get("tpp", {}).get("realtime", {})
+
+        def tp(key: str) -> str:
+            return f"{tr[key]:.3f}" if key in tr else "-"
+
+        lines += ["| 2. end-to-end latency at real time (publish of block k -> media fragment k) | services | "
+                  "in-process TPPLane |",
+                  "| --- | --- | --- |",
+                  f"| p50 over {r['blocks']} blocks | {r['p50_s']:.3f} | {tp('p50_s')} |",
+                  f"| p99 over {r['blocks']} blocks | {r['p99_s']:.3f} | {tp('p99_s')} |",
+                  f"| max | {r['max_s']:.3f} | {tp('max_s')} |",
+                  f"| block 0 | {r['block0_s']:.3f} | |",
+                  f"| p50 / p99 without block 0 | {r['p50_excl_block0_s']:.3f} / {r['p99_excl_block0_s']:.3f} | |",
+                  f"| trend (mean of last 10 minus mean of blocks 1-10) | {r['latency_trend_s']:+.3f} | |",
+                  f"| session start -> lane assigned | {r['start_to_active_s']:.2f} | |",
                   *[f"| of which {name} (p50 / p99, from Kafka record timestamps) | "
-                    f"{h['p50_s']:.3f} / {h['p99_s']:.3f} |"
+                    f"{h['p50_s']:.3f} / {h['p99_s']:.3f} | |"
                     for name, h in r.get("hops", {}).items() if isinstance(h, dict)],
-                  f"| stream complete and in order | {'yes' if r['complete_and_ordered'] else 'NO'} |", ""]
+                  f"| stream complete and in order | {'yes' if r['complete_and_ordered'] else 'NO'} | |", ""]
     kills = [(label, res[key]) for key, label in (("kill", "as built"),
                                                    ("kill_assisted", "lane heartbeat kept alive by the bench"))
              if key in res]
@@ -708,8 +741,10 @@ def main(argv: list[str] | None = None) -> int:
     save(res)
     if not args.wire_only:
         pcm_burst = example_pcm(["cyclops_baker"], args.blocks)
-        print(f"part 1a: in-process TPPLane, {args.blocks} blocks ...", flush=True)
-        res["tpp"] = tpp_inprocess(image, pcm_burst)
+        pcm_rt = example_pcm(["cyclops_baker", "kitchen_grandmother", "music_producer"], args.rt_blocks)
+        print(f"part 1a (+2 in process): TPPLane, {args.blocks} blocks at once, {args.rt_blocks} at real time ...",
+              flush=True)
+        res["tpp"] = tpp_inprocess(image, pcm_burst, pcm_rt)
         res["load"]["after_tpp"] = load()
         save(res)
         run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="services-bench-"))
@@ -723,7 +758,6 @@ def main(argv: list[str] | None = None) -> int:
             res["load"]["after_burst"] = load()
             save(res)
             print(f"part 2: real-time feed, {args.rt_blocks} blocks ...", flush=True)
-            pcm_rt = example_pcm(["cyclops_baker", "kitchen_grandmother", "music_producer"], args.rt_blocks)
             res["realtime"] = realtime_feed(st, image, pcm_rt)
             res["load"]["after_realtime"] = load()
             save(res)

@@ -1,0 +1,515 @@
+"""Session API benchmark (issue 6): what a client of the REST/WebSocket API sees, on the local stack.
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/session_api_bench.py                      # lanes 1, 2, 3; ~5 min on 2 cores
+    .venv/bin/python bench/session_api_bench.py --lanes 1 --seconds 12 --doc none --json /tmp/b.json
+
+For each lane count N (default 1, 2, 3) the whole stack is started with the session API
+(``services.cli.stack_cmd.up(run_dir, lanes=N, api=True)``: broker, Redis, audio-encoder, N lanes of
+5 processes, stream-packager, session API), a tenant is created with the CLI, and N sessions run at
+once, one per lane, exactly as a client would drive them:
+
+  - ``POST /v1/sessions`` with an example image and ``{"idle": "pause"}`` (no video without speech, so the
+    first fragment after the first audio byte is the first block of that speech); the client waits
+    until the session is ``active`` (a lane holds it);
+  - the client opens the media WebSocket, then the audio WebSocket, and streams example speech
+    (24 kHz pcm16, resampled by the API, looped to ``--seconds``) in 100 ms chunks at real time;
+  - every media fragment's arrival time is recorded at the client.
+
+Per session it reports
+  - **setup**: ``POST /v1/sessions`` -> state ``active``;
+  - **time to first frame** (TTFF): the first audio byte sent -> media fragment 0 (the first video
+    frames) received. It includes the 0.36 s of audio block 0 needs (9 frames), sent at real time;
+  - **block latency**: for block k, arrival of fragment k minus the send time of the audio chunk that
+    completes block k (block 0 needs 0.36 s of audio, every later block 0.48 s more); p50/p95/max and
+    its *drift* (mean of the last 5 blocks minus mean of the first 5 after warm-up: a session that
+    falls behind real time has a growing latency);
+  - **seconds per block** after warm-up: the least-squares slope of fragment arrival time against block
+    index, blocks ``--warmup`` .. the last one whose audio was paced (the average time per block, not
+    skewed by one late block at either end), and the sustained **FPS** = 12 frames / seconds per block;
+  - audio chunks the API refused with 429 (more than ``LIVEAVATAR_MAX_QUEUED_AUDIO_S`` of audio queued:
+    the session has fallen that far behind real time; the latency of later blocks is then approximate).
+
+A round **holds real time** when every session's fragments arrive no slower than 0.48 s per block on
+average after warm-up (tolerance 1 % for the pacing clock: audio is paced on a drift-free schedule,
+so a session that keeps up averages 0.480 s exactly, give or take a few ms of jitter at the ends).
+The answer to "how many concurrent sessions does this machine hold" is the largest N that does.
+
+The machine is shared with other work: the load average before and after each round and the CPU
+seconds the stack's processes used go into the results. Results go to ``--json`` and into the marked
+section of docs/session-api.md (``--doc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+EXAMPLES = ROOT.parent / "shared" / "examples"
+AVATARS = ("cyclops_baker", "kitchen_grandmother", "music_producer")
+BLOCK_S = 0.48                   # 12 frames at 25 fps
+FIRST_BLOCK_S = 0.36             # block 0 of a stream: 9 frames
+FRAMES_PER_BLOCK = 12
+CHUNK_S = 0.1                    # audio chunk the client sends
+REALTIME_TOLERANCE = 1.01
+DOC_BEGIN, DOC_END = "<!-- session-api-bench:begin -->", "<!-- session-api-bench:end -->"
+
+
+class BenchError(RuntimeError):
+    """A round could not run (stack not ready, session never active, no media)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+def r3(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 3)
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else None
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the given processes (those still alive), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def stack_pids(run_dir: Path) -> dict[str, list[int]]:
+    """The local stack's processes by component: each service, the lanes (group + ranks), broker, Redis."""
+    from infra.local.stack import LocalStack
+    from services.cli import stack_cmd
+
+    out: dict[str, list[int]] = {}
+    for name, svc in stack_cmd.services_info(run_dir).items():
+        label = "lanes" if name.startswith("lane-") else name
+        pids = [svc["pid"]]
+        if svc.get("rank_pids_file") and Path(svc["rank_pids_file"]).exists():
+            pids += [int(x) for x in Path(svc["rank_pids_file"]).read_text().split()]
+        out.setdefault(label, []).extend(pids)
+    for name, srv in LocalStack(run_dir).status().items():
+        out.setdefault(name, []).append(srv["pid"])
+    return out
+
+
+def cpu_by_component(groups: dict[str, list[int]]) -> dict[str, float]:
+    return {k: cpu_seconds(v) for k, v in groups.items()}
+
+
+def example_pcm16(name: str, seconds: float) -> tuple[bytes, int]:
+    """The example speech as pcm16 bytes at its own rate (24 kHz), looped to ``seconds``."""
+    import av
+
+    with av.open(str(EXAMPLES / f"{name}.wav")) as c:
+        rate = c.streams.audio[0].rate
+        x = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    n = int(seconds * rate)
+    x = np.tile(x, -(-n // len(x)))[:n]
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes(), rate
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem_gib = None
+    try:
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+        mem_gib = round(kb / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "python": platform.python_version(),
+            "torch": torch.__version__, "kernel": platform.release(),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+# ---------------------------------------------------------------------------------------------
+# One session, as a client drives it: media WebSocket in one thread, audio WebSocket in another
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SessionRun:
+    sid: str
+    avatar: str
+    created_at: float = 0.0                     # monotonic time of the POST /v1/sessions
+    setup_s: float = 0.0
+    audio_start: float | None = None            # monotonic time of the first audio byte sent
+    chunk_sent: list[tuple[float, float]] = field(default_factory=list)   # (audio seconds so far, time)
+    audio_done: float | None = None
+    arrivals: dict[int, float] = field(default_factory=dict)             # block -> first arrival time
+    duplicates: int = 0
+    refused_chunks: int = 0                     # audio frames the API refused with 429 (too much queued)
+    init_at: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def send_audio(ws_url: str, run: SessionRun, pcm: bytes, rate: int) -> None:
+    from websockets.sync.client import connect
+
+    step = int(rate * CHUNK_S) * 2
+    try:
+        with connect(ws_url, open_timeout=30) as ws:
+            ws.send(json.dumps({"format": "pcm16", "sample_rate": rate, "channels": 1}))
+            ready = json.loads(ws.recv(timeout=30))
+            if ready.get("type") != "ready":
+                raise BenchError(f"audio socket: {ready}")
+            t0 = time.monotonic()
+            run.audio_start = t0
+            for k, i in enumerate(range(0, len(pcm), step)):
+                chunk = pcm[i:i + step]
+                ws.send(chunk)
+                run.chunk_sent.append(((i + len(chunk)) / 2 / rate, time.monotonic()))
+                delay = t0 + (k + 1) * CHUNK_S - time.monotonic()      # drift-free real-time schedule
+                if delay > 0:
+                    time.sleep(delay)
+            ws.send(json.dumps({"type": "end"}))
+            while True:
+                m = json.loads(ws.recv(timeout=60))
+                if m["type"] == "utterance_end":
+                    break
+                if m["type"] == "error":
+                    if m.get("status") == 429:
+                        run.refused_chunks += 1
+                    else:
+                        run.errors.append(f"audio: {m}")
+    except Exception as exc:  # noqa: BLE001 - recorded and reported, the round goes on
+        run.errors.append(f"audio: {type(exc).__name__}: {exc}")
+    finally:
+        run.audio_done = time.monotonic()
+
+
+def read_media(ws_url: str, run: SessionRun, stop: threading.Event) -> None:
+    from websockets.sync.client import connect
+
+    try:
+        with connect(ws_url, open_timeout=30, max_size=None) as ws:
+            while not stop.is_set():
+                try:
+                    head = json.loads(ws.recv(timeout=0.5))
+                except TimeoutError:
+                    continue
+                data = ws.recv(timeout=30) if head["bytes"] else b""
+                now = time.monotonic()
+                if head["type"] == "init":
+                    run.init_at = run.init_at or now
+                elif head["type"] == "fragment":
+                    if head["block"] in run.arrivals:
+                        run.duplicates += 1
+                    else:
+                        run.arrivals[head["block"]] = now
+                elif head["type"] == "end":
+                    return
+                del data
+    except Exception as exc:  # noqa: BLE001
+        run.errors.append(f"media: {type(exc).__name__}: {exc}")
+
+
+def session_metrics(run: SessionRun, warmup: int) -> dict:
+    """TTFF, block latency, seconds per block and FPS of one session (see the module docstring)."""
+    blocks = sorted(run.arrivals)
+    res: dict = {"session": run.sid, "avatar": run.avatar, "setup_s": r3(run.setup_s), "blocks": len(blocks),
+                 "duplicates": run.duplicates, "refused_audio_chunks": run.refused_chunks, "errors": run.errors[:5]}
+    res["in_order_no_gaps"] = blocks == list(range(len(blocks)))
+    if run.audio_start is not None:
+        res["arrivals_s"] = [r3(run.arrivals[b] - run.audio_start) for b in blocks]   # from the first audio byte
+    if not blocks or run.audio_start is None or 0 not in run.arrivals:
+        res["holds_real_time"] = False
+        return res
+    res["ttff_s"] = r3(run.arrivals[0] - run.audio_start)
+
+    # Block latency: arrival of block k - send time of the chunk that completes its audio.
+    sent_s = np.array([s for s, _ in run.chunk_sent])
+    sent_t = np.array([t for _, t in run.chunk_sent])
+    lat = {}
+    for b in blocks:
+        need = FIRST_BLOCK_S + BLOCK_S * b
+        i = int(np.searchsorted(sent_s, need - 1e-9))
+        if i < len(sent_t):                       # the last, padded block has no completing chunk
+            lat[b] = run.arrivals[b] - sent_t[i]
+    steady = [lat[b] for b in sorted(lat) if b >= warmup]
+    res["latency_p50_s"], res["latency_p95_s"] = r3(pct(steady, 50)), r3(pct(steady, 95))
+    res["latency_max_s"] = r3(max(steady)) if steady else None
+    res["latency_drift_s"] = r3(np.mean(steady[-5:]) - np.mean(steady[:5])) if len(steady) >= 10 else None
+
+    # Seconds per block and FPS after warm-up, over the blocks whose audio was paced (not the padded tail):
+    # the least-squares slope of arrival time against block index, i.e. the average time per block, which
+    # one late block at either end (the last paced block waits for the end of the utterance) cannot skew.
+    last = max(lat) if lat else blocks[-1]
+    span = [b for b in blocks if warmup <= b <= last]
+    if len(span) >= 3:
+        spb = float(np.polyfit(span, [run.arrivals[b] for b in span], 1)[0])
+        res["s_per_block"] = r3(spb)
+        res["fps"] = round(FRAMES_PER_BLOCK / spb, 2)
+        res["holds_real_time"] = bool(spb <= BLOCK_S * REALTIME_TOLERANCE) and res["in_order_no_gaps"]
+    else:
+        res["holds_real_time"] = False
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# One round: N lanes, N concurrent sessions
+# ---------------------------------------------------------------------------------------------
+
+def create_tenant(run_dir: Path, name: str, max_sessions: int) -> str:
+    r = subprocess.run([sys.executable, "-m", "services.cli", "tenants", "create", name, "--max-sessions",
+                        str(max_sessions), "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    if r.returncode != 0 or not r.stdout.strip().startswith("la_"):
+        raise BenchError(f"tenants create failed: {r.stderr[-500:]}")
+    return r.stdout.strip()
+
+
+def run_round(n: int, seconds: float, warmup: int, run_root: Path) -> dict:
+    import httpx
+
+    from services.cli import stack_cmd
+
+    run_dir = run_root / f"lanes-{n}"
+    res: dict = {"lanes": n, "sessions": n, "load_before": load()}
+    t = time.monotonic()
+    stack_cmd.up(run_dir, lanes=n, api=True, timeout_s=600)
+    res["stack_up_s"] = r3(time.monotonic() - t)
+    try:
+        port = stack_cmd.services_info(run_dir)["session-api"]["health_ports"][0]
+        key = create_tenant(run_dir, f"bench-{n}", max_sessions=n)
+        auth = {"Authorization": f"Bearer {key}"}
+        groups = stack_pids(run_dir)
+        runs: list[SessionRun] = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=auth) as client:
+            # 1. Create the sessions (one per lane) and wait until a lane holds each.
+            for i in range(n):
+                avatar = AVATARS[i % len(AVATARS)]
+                t0 = time.monotonic()
+                r = client.post("/v1/sessions", files={"image": (f"{avatar}.jpg",
+                                (EXAMPLES / f"{avatar}.jpg").read_bytes(), "image/jpeg")},
+                                data={"options": json.dumps({"idle": "pause", "seed": i})})
+                if r.status_code != 201:
+                    raise BenchError(f"POST /v1/sessions: {r.status_code} {r.text}")
+                runs.append(SessionRun(r.json()["id"], avatar, created_at=t0))
+            deadline = time.monotonic() + 180
+            pending = {run.sid: run for run in runs}
+            while pending:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"sessions never became active: {list(pending)}")
+                for sid, run in list(pending.items()):
+                    if client.get(f"/v1/sessions/{sid}").json()["state"] == "active":
+                        run.setup_s = time.monotonic() - run.created_at
+                        del pending[sid]
+                time.sleep(0.05)
+
+            # 2. All sessions at once: media readers first, then the audio senders.
+            stop = threading.Event()
+            base = f"ws://127.0.0.1:{port}/v1/sessions"
+            readers = [threading.Thread(target=read_media, args=(f"{base}/{run.sid}/media?key={key}", run, stop),
+                                        daemon=True) for run in runs]
+            for th in readers:
+                th.start()
+            # Idle baseline: sessions active, media sockets open, no audio ("pause": nothing is generated).
+            idle0, t_idle = cpu_by_component(groups), time.monotonic()
+            time.sleep(5.0)
+            idle1 = cpu_by_component(groups)
+            res["idle_cores_busy"] = r3((sum(idle1.values()) - sum(idle0.values())) / (time.monotonic() - t_idle))
+            cpu0, wall0 = idle1, time.monotonic()
+            senders = []
+            for run in runs:
+                pcm, rate = example_pcm16(run.avatar, seconds)
+                senders.append(threading.Thread(target=send_audio, args=(f"{base}/{run.sid}/audio?key={key}", run,
+                                                                         pcm, rate), daemon=True))
+            for th in senders:
+                th.start()
+            for th in senders:
+                th.join(seconds + 120)
+
+            # 3. Read until every session's media is quiet for 3 s after its audio ended.
+            expected = 1 + int((seconds - FIRST_BLOCK_S) / BLOCK_S)
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                newest = max((max(r.arrivals.values(), default=0.0) for r in runs), default=0.0)
+                if all(len(r.arrivals) >= expected for r in runs) and time.monotonic() - newest > 3.0:
+                    break
+                if time.monotonic() - max(newest, max(r.audio_done or 0 for r in runs)) > 20:
+                    break                           # nothing more is coming
+                time.sleep(0.2)
+            cpu1, wall = cpu_by_component(groups), time.monotonic() - wall0
+            cpu = sum(cpu1.values()) - sum(cpu0.values())
+            res["cpu_cores_busy"] = r3(cpu / wall)
+            res["cpu_cores_by_component"] = {k: r3((cpu1[k] - cpu0[k]) / wall) for k in cpu1}
+            n_blocks = sum(len(r.arrivals) for r in runs)
+            res["cpu_s_per_block"] = r3(cpu / n_blocks) if n_blocks else None
+            # what one more block costs above the idle baseline (polling loops, heartbeats)
+            res["marginal_cpu_s_per_block"] = r3((cpu - res["idle_cores_busy"] * wall) / n_blocks) if n_blocks else None
+            stop.set()
+            for th in readers:
+                th.join(10)
+            for run in runs:
+                client.delete(f"/v1/sessions/{run.sid}")
+        res["expected_blocks"] = expected
+        res["per_session"] = [session_metrics(run, warmup) for run in runs]
+    finally:
+        stack_cmd.down(run_dir)
+    per = res["per_session"]
+    res["holds_real_time"] = all(p["holds_real_time"] for p in per)
+    spb = [p["s_per_block"] for p in per if p.get("s_per_block")]
+    res["worst_s_per_block"] = max(spb) if spb else None
+    res["min_fps"] = min((p["fps"] for p in per if p.get("fps")), default=None)
+    ttff = [p["ttff_s"] for p in per if p.get("ttff_s") is not None]
+    res["ttff_mean_s"] = r3(np.mean(ttff)) if ttff else None
+    res["ttff_max_s"] = max(ttff) if ttff else None
+    res["load_after"] = load()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def markdown(res: dict, argv: list[str]) -> str:
+    m = res["machine"]
+    cmd = "bench/session_api_bench.py" + ("" if not argv else " " + " ".join(argv))
+    lines = [f"Measured {m['date_utc']} UTC on {m['cores']} CPU cores ({m['cpu']}, {m['memory_gib']} GiB), "
+             f"Python {m['python']}, torch {m['torch']}, tiny configuration, no GPU. Rerun: "
+             f"`.venv/bin/python {cmd}`.",
+             f"Each session streams {res['seconds']:g} s of example speech at real time; warm-up = the first "
+             f"{res['warmup']} blocks. The machine is shared: see the load average.", "",
+             "| lanes = sessions | holds real time | s/block (worst session) | FPS (lowest) | TTFF mean / max | "
+             "block latency p50 / p95 (worst) | latency drift (worst) | setup (max) | stack CPU: cores busy, "
+             "CPU s per block | load before / after |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["rounds"]:
+        if "error" in r:
+            lines.append(f"| {r['lanes']} | error: {r['error']} | | | | | | | | |")
+            continue
+        per = r["per_session"]
+
+        def worst(k):
+            vals = [p[k] for p in per if p.get(k) is not None]
+            return max(vals) if vals else None
+
+        def s(v):
+            return "-" if v is None else f"{v:.3f}"
+
+        lines.append(
+            f"| {r['lanes']} | {'yes' if r['holds_real_time'] else '**no**'} | {s(r['worst_s_per_block'])} | "
+            f"{r['min_fps'] if r['min_fps'] is not None else '-'} | {s(r['ttff_mean_s'])} / {s(r['ttff_max_s'])} s | "
+            f"{s(worst('latency_p50_s'))} / {s(worst('latency_p95_s'))} s | {s(worst('latency_drift_s'))} s | "
+            f"{s(worst('setup_s'))} s | {r['cpu_cores_busy']}, {s(r.get('cpu_s_per_block'))} | "
+            f"{r['load_before']} / {r['load_after']} |")
+    lines += ["", f"**Concurrent tiny-config sessions this machine holds at real time: {res['max_realtime_sessions']}** "
+              f"(largest N tried whose every session averaged <= {BLOCK_S} s per block after warm-up).", ""]
+    est = res.get("cpu_estimate")
+    if est:
+        lines += [f"CPU-bound estimate for this machine with nothing else running: a block costs the stack "
+                  f"(services, lanes, broker, Redis) {est['marginal_cpu_s_per_block']:.3f} CPU-seconds above its idle "
+                  f"load, and an idle lane's share of that load is {est['idle_cores_per_lane']:.3f} cores (means over "
+                  f"the rounds), so {m['cores']} cores hold {est['sessions_float']:.2f} sessions at real time: "
+                  f"**{est['sessions']}**, if the work spread perfectly over the cores.", ""]
+        big = max((r for r in res["rounds"] if r.get("cpu_cores_by_component")), key=lambda r: r["lanes"])
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(big["cpu_cores_by_component"].items(),
+                                                            key=lambda kv: -kv[1]))
+        lines += [f"Cores used by component with {big['lanes']} sessions: {parts}.", ""]
+    lines += ["<details><summary>Per session</summary>", "",
+              "| lanes | session | avatar | blocks | in order | TTFF | s/block | FPS | latency p50 / p95 / max | "
+              "drift | setup | audio chunks refused (429) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["rounds"]:
+        for p in r.get("per_session", []):
+            lines.append(f"| {r['lanes']} | {p['session']} | {p['avatar']} | {p['blocks']} | {p['in_order_no_gaps']} | "
+                         f"{p.get('ttff_s')} | {p.get('s_per_block')} | {p.get('fps')} | {p.get('latency_p50_s')} / "
+                         f"{p.get('latency_p95_s')} / {p.get('latency_max_s')} | {p.get('latency_drift_s')} | "
+                         f"{p['setup_s']} | {p['refused_audio_chunks']} |")
+    lines += ["", "</details>"]
+    return "\n".join(lines)
+
+
+def write_doc(path: Path, table: str) -> None:
+    text = path.read_text() if path.exists() else ""
+    block = f"{DOC_BEGIN}\n{table}\n{DOC_END}"
+    if DOC_BEGIN in text and DOC_END in text:
+        head, rest = text.split(DOC_BEGIN, 1)
+        text = head + block + rest.split(DOC_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## Benchmark results\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lanes", type=int, nargs="+", default=[1, 2, 3], help="lane counts to try (= sessions)")
+    p.add_argument("--seconds", type=float, default=24.0, help="seconds of speech per session")
+    p.add_argument("--warmup", type=int, default=5, help="blocks left out of the steady-state numbers")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--doc", default=str(ROOT / "docs" / "session-api.md"), help="markdown file to update, or 'none'")
+    p.add_argument("--run-root", type=Path, default=None, help="where the stacks' run directories go (default: tmp)")
+    args = p.parse_args(argv)
+    if args.seconds < BLOCK_S * (args.warmup + 12):
+        p.error(f"--seconds must cover the warm-up plus at least 12 blocks ({BLOCK_S * (args.warmup + 12):.2f} s)")
+
+    res: dict = {"machine": machine(), "seconds": args.seconds, "warmup": args.warmup, "rounds": []}
+    with tempfile.TemporaryDirectory(prefix="la-api-bench-", dir=args.run_root) as tmp:
+        for n in args.lanes:
+            print(f"[session-api-bench] {n} lane(s), {n} session(s) ...", flush=True)
+            try:
+                r = run_round(n, args.seconds, args.warmup, Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - a failed round is a result too
+                r = {"lanes": n, "error": f"{type(exc).__name__}: {exc}"}
+            res["rounds"].append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "per_session"}), flush=True)
+    ok = [r["lanes"] for r in res["rounds"] if r.get("holds_real_time")]
+    res["max_realtime_sessions"] = max(ok) if ok else 0
+    done = [r for r in res["rounds"] if r.get("marginal_cpu_s_per_block")]
+    if done:
+        c = float(np.mean([r["marginal_cpu_s_per_block"] for r in done]))
+        idle = float(np.mean([r["idle_cores_busy"] / r["lanes"] for r in done]))     # idle cores per lane
+        cores = res["machine"]["cores"]
+        # n sessions at real time need n * (idle per lane + c / 0.48) cores
+        n = cores / (idle + c / BLOCK_S)
+        res["cpu_estimate"] = {"marginal_cpu_s_per_block": r3(c), "idle_cores_per_lane": r3(idle),
+                               "sessions_float": r3(n), "sessions": int(n)}
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+    table = markdown(res, argv)
+    print(table)
+    if args.doc != "none":
+        write_doc(Path(args.doc), table)
+    return 0 if all("error" not in r for r in res["rounds"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
