@@ -535,8 +535,8 @@ class TPPLane:
             self._tmp = None
 
     # ---- supervision -------------------------------------------------------------------------
-    def _drain_reports(self, timeout: float) -> list[tuple]:
-        """Read every rank's reports; fail the lane on an error report."""
+    def _read_reports(self, timeout: float = 0.0) -> list[tuple]:
+        """Collect every rank's pending reports (progress, readiness, errors) without judging them."""
         out = []
         deadline = time.monotonic() + timeout
         while True:
@@ -555,10 +555,14 @@ class TPPLane:
         now = time.monotonic()
         for item in out:
             kind, rank, block = item[:3]
-            last_block = max(block, self.progress.get(rank, (0, -1))[1])
-            self.progress[rank] = (now, last_block)
+            self.progress[rank] = (now, max(block, self.progress.get(rank, (0, -1))[1]))
             if kind == "error":
                 self.errors[rank] = (block, item[3], item[4])
+        return out
+
+    def _drain_reports(self, timeout: float) -> list[tuple]:
+        """Read every rank's reports; fail the lane on an error report."""
+        out = self._read_reports(timeout)
         if self.errors:
             time.sleep(0.3)   # a neighbour's death is seen by its peers a moment before its exit is visible
             self._check_alive()
@@ -570,6 +574,7 @@ class TPPLane:
 
     def _diagnose(self) -> None:
         """Fail naming the root cause: a rank that died without reporting, else the peer a report blames."""
+        self._read_reports()      # a rank that reported and then exited: read its report before judging it
         dead = [r for r, p in enumerate(self.procs) if p.exitcode not in (None, 0)]
         silent = [r for r in dead if r not in self.errors]
         if silent:   # killed (signal) or crashed without a word: the root cause

@@ -33,17 +33,29 @@ class StackError(RuntimeError):
     """A local server could not be started, or is not in the state asked for."""
 
 
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """An unused TCP port on the loopback interface (asked of the kernel, not guessed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """An unused TCP port on loopback, below the kernel's ephemeral range.
+
+    A port that a server binds later must not come from the ephemeral range: an outgoing connection may
+    take it meanwhile, and a client connecting to an ephemeral port nobody listens on can even connect to
+    itself (TCP self-connect) and read its own request back.
+    """
+    return free_port_block(1)
 
 
-def free_port_block(n: int, start: int = 20000, end: int = 60000) -> int:
-    """A base port such that base .. base+n-1 are all free on loopback (for one port per lane rank)."""
+def free_port_block(n: int, start: int = 15000, end: int | None = None) -> int:
+    """A base port such that base .. base+n-1 are all free on loopback, below the ephemeral range."""
     import random
 
+    end = min(end or 65535, _ephemeral_start())
     for _ in range(200):
         base = random.randrange(start, end - n)
         socks = []

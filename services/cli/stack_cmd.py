@@ -9,6 +9,7 @@ one run directory. ``status`` lists every service with its health and exits non-
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ def _probe(port: int, path: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(f"http://{LOOPBACK}:{port}{path}", timeout=timeout) as r:
             return r.status == 200
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, OSError, http.client.HTTPException):   # not (yet) our server
         return False
 
 

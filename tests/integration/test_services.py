@@ -172,6 +172,9 @@ def test_kill_a_service_mid_session_and_the_media_stays_complete(stack, inputs, 
             return
         svc = _services(stack)
         if victim == "lane-rank-2":
+            deadline = time.monotonic() + 120          # the session must be on a lane before we kill its rank
+            while not stack["store"].get_session(sid).lane and time.monotonic() < deadline:
+                time.sleep(0.2)
             lane = stack["store"].get_session(sid).lane
             pid = int(Path(svc[lane]["rank_pids_file"]).read_text().split()[2])
         else:
