@@ -146,13 +146,13 @@ class KafkaLaneSource:
                 del self.offsets[b]
 
     def _export_lag(self) -> None:
-        """Lag of this lane in blocks: unread on Kafka + read but not started + started but not yet emitted."""
+        """Lag of this lane in blocks: unread on Kafka + read (started or not) but not yet emitted."""
         kafka_lag = update_lag(self.consumer, SERVICE).get(self.tp.topic, 0)
         sv = self.serving
         in_flight = 0
         if sv is not None:
             in_flight = max(0, sv.max_seen - self.store.cursor_int(sv.session_id, "lane_block"))
-        QUEUE_LAG.labels(SERVICE, self.tp.topic).set(kafka_lag + len(self.pending) + in_flight)
+        QUEUE_LAG.labels(SERVICE, self.tp.topic).set(kafka_lag + in_flight)   # in_flight includes read-ahead
 
     def _resume(self) -> None:
         """After a restart: continue the session this lane was serving, if any."""
