@@ -20,9 +20,10 @@ once, one per lane, exactly as a client would drive them:
 Per session it reports
   - **setup**: ``POST /v1/sessions`` -> state ``active``;
   - **time to first frame** (TTFF): the first audio byte sent -> media fragment 0 (the first video
-    frames) received. It includes the 0.36 s of audio block 0 needs (9 frames), sent at real time;
+    frames) received. It includes the 0.48 s of audio whose features block 0 needs (the audio stage
+    encodes each block's 7,680 samples alone, block 0 included), sent at real time;
   - **block latency**: for block k, arrival of fragment k minus the send time of the audio chunk that
-    completes block k (block 0 needs 0.36 s of audio, every later block 0.48 s more); p50/p95/max and
+    completes block k (block k needs the audio up to 0.48 * (k + 1) s); p50/p95/max and
     its *drift* (mean of the last 5 blocks minus mean of the first 5 after warm-up: a session that
     falls behind real time has a growing latency);
   - **seconds per block** after warm-up: the least-squares slope of fragment arrival time against block
@@ -64,7 +65,6 @@ if str(ROOT) not in sys.path:
 EXAMPLES = ROOT.parent / "shared" / "examples"
 AVATARS = ("cyclops_baker", "kitchen_grandmother", "music_producer")
 BLOCK_S = 0.48                   # 12 frames at 25 fps
-FIRST_BLOCK_S = 0.36             # block 0 of a stream: 9 frames
 FRAMES_PER_BLOCK = 12
 CHUNK_S = 0.1                    # audio chunk the client sends
 REALTIME_TOLERANCE = 1.01
@@ -258,7 +258,7 @@ def session_metrics(run: SessionRun, warmup: int) -> dict:
     sent_t = np.array([t for _, t in run.chunk_sent])
     lat = {}
     for b in blocks:
-        need = FIRST_BLOCK_S + BLOCK_S * b
+        need = BLOCK_S * (b + 1)                  # each block's features come from its own 7,680 samples
         i = int(np.searchsorted(sent_s, need - 1e-9))
         if i < len(sent_t):                       # the last, padded block has no completing chunk
             lat[b] = run.arrivals[b] - sent_t[i]
@@ -344,7 +344,9 @@ def run_round(n: int, seconds: float, warmup: int, run_root: Path) -> dict:
             idle0, t_idle = cpu_by_component(groups), time.monotonic()
             time.sleep(5.0)
             idle1 = cpu_by_component(groups)
-            res["idle_cores_busy"] = r3((sum(idle1.values()) - sum(idle0.values())) / (time.monotonic() - t_idle))
+            t_idle = time.monotonic() - t_idle
+            res["idle_cores_busy"] = r3((sum(idle1.values()) - sum(idle0.values())) / t_idle)
+            res["idle_cores_by_component"] = {k: r3((idle1[k] - idle0[k]) / t_idle) for k in idle1}
             cpu0, wall0 = idle1, time.monotonic()
             senders = []
             for run in runs:
@@ -357,7 +359,7 @@ def run_round(n: int, seconds: float, warmup: int, run_root: Path) -> dict:
                 th.join(seconds + 120)
 
             # 3. Read until every session's media is quiet for 3 s after its audio ended.
-            expected = 1 + int((seconds - FIRST_BLOCK_S) / BLOCK_S)
+            expected = int(np.ceil(seconds / BLOCK_S - 1e-9))      # the last partial block is zero-padded
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
                 newest = max((max(r.arrivals.values(), default=0.0) for r in runs), default=0.0)
@@ -417,7 +419,7 @@ def markdown(res: dict, argv: list[str]) -> str:
             continue
         per = r["per_session"]
 
-        def worst(k):
+        def worst(k, per=per):
             vals = [p[k] for p in per if p.get(k) is not None]
             return max(vals) if vals else None
 
@@ -436,13 +438,14 @@ def markdown(res: dict, argv: list[str]) -> str:
     if est:
         lines += [f"CPU-bound estimate for this machine with nothing else running: a block costs the stack "
                   f"(services, lanes, broker, Redis) {est['marginal_cpu_s_per_block']:.3f} CPU-seconds above its idle "
-                  f"load, and an idle lane's share of that load is {est['idle_cores_per_lane']:.3f} cores (means over "
-                  f"the rounds), so {m['cores']} cores hold {est['sessions_float']:.2f} sessions at real time: "
-                  f"**{est['sessions']}**, if the work spread perfectly over the cores.", ""]
+                  f"load; idle, a lane uses {est['idle_cores_per_lane']:.3f} cores and everything else "
+                  f"{est['idle_cores_rest']:.3f} (means over the rounds). So {m['cores']} cores hold "
+                  f"{est['sessions_float']:.2f} sessions at real time: **{est['sessions']}**, if the work spread "
+                  f"perfectly over the cores and the 5 ranks of a lane never waited on each other.", ""]
         big = max((r for r in res["rounds"] if r.get("cpu_cores_by_component")), key=lambda r: r["lanes"])
         parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(big["cpu_cores_by_component"].items(),
                                                             key=lambda kv: -kv[1]))
-        lines += [f"Cores used by component with {big['lanes']} sessions: {parts}.", ""]
+        lines += [f"Cores used by component with {big['lanes']} session(s): {parts}.", ""]
     lines += ["<details><summary>Per session</summary>", "",
               "| lanes | session | avatar | blocks | in order | TTFF | s/block | FPS | latency p50 / p95 / max | "
               "drift | setup | audio chunks refused (429) |",
@@ -496,12 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     done = [r for r in res["rounds"] if r.get("marginal_cpu_s_per_block")]
     if done:
         c = float(np.mean([r["marginal_cpu_s_per_block"] for r in done]))
-        idle = float(np.mean([r["idle_cores_busy"] / r["lanes"] for r in done]))     # idle cores per lane
+        idle_lane = float(np.mean([r["idle_cores_by_component"].get("lanes", 0.0) / r["lanes"] for r in done]))
+        idle_rest = float(np.mean([r["idle_cores_busy"] - r["idle_cores_by_component"].get("lanes", 0.0)
+                                   for r in done]))
         cores = res["machine"]["cores"]
-        # n sessions at real time need n * (idle per lane + c / 0.48) cores
-        n = cores / (idle + c / BLOCK_S)
-        res["cpu_estimate"] = {"marginal_cpu_s_per_block": r3(c), "idle_cores_per_lane": r3(idle),
-                               "sessions_float": r3(n), "sessions": int(n)}
+        # n sessions at real time (one lane each) need idle_rest + n * (idle_lane + c / 0.48) cores
+        n = (cores - idle_rest) / (idle_lane + c / BLOCK_S)
+        res["cpu_estimate"] = {"marginal_cpu_s_per_block": r3(c), "idle_cores_per_lane": r3(idle_lane),
+                               "idle_cores_rest": r3(idle_rest), "sessions_float": r3(n), "sessions": int(n)}
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     table = markdown(res, argv)
