@@ -122,7 +122,7 @@ class ErrorOut(BaseModel):
 
 _CODES = {400: "bad_request", 401: "unauthorized", 402: "quota_exhausted", 403: "forbidden", 404: "not_found",
           405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-          422: "invalid", 429: "too_many_sessions", 500: "internal", 503: "unavailable"}
+          422: "invalid", 429: "too_many_requests", 500: "internal", 503: "unavailable"}
 
 
 def api_error(status: int, message: str, headers: dict | None = None) -> HTTPException:
