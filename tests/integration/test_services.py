@@ -151,7 +151,8 @@ def test_two_sessions_on_two_lanes_equal_the_single_process_run(stack, inputs, t
         for res in want:
             latent, frames = got[res.block_index]
             assert torch.equal(latent, res.latent), f"{sid} block {res.block_index} latent differs"
-            assert torch.equal(frames, res.frames)
+            # the VAE decode ran in another process: oneDNN may round a pixel by one level (see test_tpp.py)
+            assert (frames.int() - res.frames.int()).abs().max() <= 1
         assert stack["store"].get_session(sid).state == "ended"
     lanes = {stack["store"].get_session(s).lane for s in (sid_a, sid_b)}
     assert lanes == {"lane-0", "lane-1"}, lanes
