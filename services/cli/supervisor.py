@@ -21,6 +21,7 @@ from pathlib import Path
 
 from infra.local.stack import free_port, free_port_block, stop_pid
 from services.common.logging import configure_logging, get_logger
+from services.common.worker import GracefulStop
 
 log = get_logger("supervisor")
 SERVICES_FILE = "services.json"
@@ -93,22 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     extra = {k: v for k, v in os.environ.items() if k.startswith("LIVEAVATAR_")}
     services = plan(run_dir, args.lanes, args.stages, extra, args.api)
-    stopping = False
-
-    def on_term(*_):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    stop = GracefulStop().install()      # SIGTERM / SIGINT: stop the children gracefully
     for svc in services:
         _spawn(svc)
     _write(run_dir, services)
     log.info("supervisor started", services=[s.name for s in services])
-    while not stopping:
+    while not stop.stopping:
         for svc in services:
             proc = svc.extra["proc"]
-            if proc.poll() is not None and not stopping:
+            if proc.poll() is not None and not stop.stopping:
                 log.warning("service exited: restarting", service=svc.name, code=proc.returncode)
                 time.sleep(0.5)
                 _spawn(svc)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from infra.local.stack import stop_pid
 from services.common.logging import configure_logging, get_logger
+from services.common.worker import GracefulStop
 
 log = get_logger("lane-group")
 
@@ -33,16 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure_logging(json_logs=True, level=os.environ.get("LIVEAVATAR_LOG_LEVEL", "INFO"))
     run_dir = Path(args.run_dir)
-    stopping = False
-
-    def on_term(*_):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    stop = GracefulStop().install()      # SIGTERM / SIGINT: stop the children gracefully
     generation = 0
-    while not stopping:
+    while not stop.stopping:
         generation += 1
         rdv = run_dir / f"{args.lane_id}.rdv.{generation}"
         rdv.unlink(missing_ok=True)
@@ -56,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         (run_dir / f"{args.lane_id}.pids").write_text(" ".join(str(pr.pid) for pr in procs))
         log.info("lane group started", lane=args.lane_id, generation=generation, pids=[pr.pid for pr in procs])
-        while not stopping and all(pr.poll() is None for pr in procs):
+        while not stop.stopping and all(pr.poll() is None for pr in procs):
             time.sleep(0.2)
-        if stopping:      # graceful: the head drains and sends SHUTDOWN through the lane
+        if stop.stopping:      # graceful: the head drains and sends SHUTDOWN through the lane
             procs[0].send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 30
             while any(pr.poll() is None for pr in procs) and time.monotonic() < deadline:
@@ -69,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop_pid(pr.pid, timeout_s=5)
             pr.wait()
         rdv.unlink(missing_ok=True)
-        if not stopping:
+        if not stop.stopping:
             log.warning("lane rank exited: recreating the group", lane=args.lane_id, exited=dead,
                         generation=generation)
             time.sleep(args.restart_backoff_s)
