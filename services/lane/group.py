@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(json_logs=True, level=os.environ.get("LIVEAVATAR_LOG_LEVEL", "INFO"))
     run_dir = Path(args.run_dir)
     stop = GracefulStop().install()      # SIGTERM / SIGINT: stop the children gracefully
+    parent = os.getppid()                # a group whose supervisor died stops too (never lingers)
     generation = 0
     while not stop.stopping:
         generation += 1
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / f"{args.lane_id}.pids").write_text(" ".join(str(pr.pid) for pr in procs))
         log.info("lane group started", lane=args.lane_id, generation=generation, pids=[pr.pid for pr in procs])
         while not stop.stopping and all(pr.poll() is None for pr in procs):
+            if os.getppid() != parent:
+                stop.event.set()
             time.sleep(0.2)
         if stop.stopping:      # graceful: the head drains and sends SHUTDOWN through the lane
             procs[0].send_signal(signal.SIGTERM)
