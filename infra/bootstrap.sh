@@ -9,12 +9,13 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-APT_PACKAGES=(redis-server ffmpeg chromium)
+APT_PACKAGES=(redis-server ffmpeg chromium espeak-ng)
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "bootstrap: apt-get install ${missing[*]}"

@@ -126,11 +126,14 @@ class StreamingStep(AttentionContext):
     sink: SinkCache
     rope: RopeFactors                 # the block's noisy-token factors (absolute frames)
     sink_rope: RopeFactors            # sink factors with the ref group at this call's ref time
+    use_sink: bool = True             # False: attend to the ring only (the "no sink" ablation)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q, k = apply_rope(q, self.rope), apply_rope(k, self.rope)
         self.kv.write(layer, self.window, k, v)
         k_ring, v_ring = self.kv.read(layer, self.window)                 # [B, L_ring, H, hd]
+        if not self.use_sink:
+            return sdpa(q, k_ring, v_ring)
         k_sink = apply_rope(self.sink.k[layer], self.sink_rope)          # [B, S_sink, H, hd]
         keys = torch.cat([k_ring, k_sink.to(k_ring.dtype)], dim=1)
         values = torch.cat([v_ring, self.sink.v[layer]], dim=1)

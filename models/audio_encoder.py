@@ -336,6 +336,30 @@ class Wav2VecAudioEncoder(nn.Module):
         return self.encode(block, self.config.block_frames)
 
 
+def encode_blocks_batch(encoder: Wav2VecAudioEncoder, blocks: torch.Tensor) -> torch.Tensor:
+    """Differentiable batch of streaming blocks (training): ``[N, block_samples]`` -> ``[N, L, C, block_frames]``.
+
+    The same computation as :meth:`Wav2VecAudioEncoder.encode_block` on each row (per-row
+    normalisation, wav2vec2, resampling to video frames), batched and without ``no_grad`` so the
+    encoder can be trained with the DiT.
+    """
+    cfg = encoder.config
+    if blocks.dim() != 2 or blocks.shape[1] != cfg.block_samples:
+        raise AudioEncoderError(f"blocks must be [N, {cfg.block_samples}], got {tuple(blocks.shape)}")
+    # 1. per-row zero mean / unit variance (as normalize(), in float64)  [N, S]
+    x = blocks.double()
+    if cfg.normalize_input:
+        x = (x - x.mean(dim=1, keepdim=True)) / torch.sqrt(x.var(dim=1, unbiased=False, keepdim=True) + 1e-7)
+    x = x.float().to(device=encoder.device, dtype=encoder.dtype)
+    # 2. every hidden state  L x [N, T50, C] -> [L, N, T50, C]
+    states = torch.stack(encoder.wav2vec2(x, output_hidden_states=True).hidden_states, dim=0)
+    n_layers, n, t50, c = states.shape
+    # 3. resample each row to video frames  [L*N, T50, C] -> [L*N, C, F] -> [N, L, C, F]
+    video = resample_to_video(states.reshape(n_layers * n, t50, c), cfg.block_frames, cfg.feature_rate,
+                              cfg.interp_rate, cfg.video_fps)
+    return video.view(n_layers, n, c, cfg.block_frames).transpose(0, 1)
+
+
 def split_blocks(wav, block_samples: int, pad_to_blocks: bool = True) -> list[torch.Tensor]:
     """Cut PCM ``[N]`` into ``block_samples`` pieces; the last partial piece is zero-padded
     (``pad_to_blocks=True``) or dropped (``False``)."""

@@ -350,12 +350,13 @@ class CausalWanS2V(nn.Module):
 
     def forward_block(self, x: Tensor, t: Tensor | float, audio: Tensor, text_emb: Tensor,
                       kv: KVCache, sink: SinkCache, frame_start: int, ref_time: int,
-                      pose: Tensor | None = None) -> Tensor:
+                      pose: Tensor | None = None, use_sink: bool = True) -> Tensor:
         """Velocity of one streaming block.
 
         x [B, C, F, h, w] noisy latents of absolute latent frames [frame_start, frame_start+F);
         t [B] timesteps in [0, 1000]; audio [B, num_audio_layers, audio_dim, 4F] wav2vec2
-        features of the block; ref_time = RoPE time of the ref group (see `sink_ref_time`).
+        features of the block; ref_time = RoPE time of the ref group (see `sink_ref_time`);
+        use_sink=False attends to the ring only (the "no sink" ablation; the sink is not read).
         Writes the block's roped K/V into `kv`; the block attends to itself (bidirectional),
         the earlier frames held by `kv`, and the whole sink. Returns [B, out_dim, F, h, w] in fp32.
         """
@@ -380,7 +381,7 @@ class CausalWanS2V(nn.Module):
         # 4. RoPE factors and the ring window (advances the cache state)
         rope = self._rope(self._noisy_positions(frame_start, f, grid))
         window = kv.advance(frame_start, f)
-        ctx = StreamingStep(kv, window, sink, rope, self._rope(sink.positions_at(ref_time)))
+        ctx = StreamingStep(kv, window, sink, rope, self._rope(sink.positions_at(ref_time)), use_sink)
         # 5. blocks with audio injection
         tokens = self._run_blocks(tokens, e0, text_emb, ctx, audio_tokens)
         # 6. head and unpatchify
@@ -390,15 +391,17 @@ class CausalWanS2V(nn.Module):
 
     def forward_full(self, x: Tensor, t: Tensor | float, audio: Tensor, text_emb: Tensor,
                      sink: SinkCache, ref_time: int | Sequence[int], frame_start: int = 0,
-                     window_frames: int | None = None, pose: Tensor | None = None) -> Tensor:
-        """Block-causal forward over a whole sequence with an explicit mask (test reference).
+                     window_frames: int | None = None, pose: Tensor | None = None,
+                     causal: bool = True) -> Tensor:
+        """Block-causal forward over a whole sequence with an explicit mask (test reference, training).
 
         x [B, C, F_total, h, w] with F_total a multiple of frames_per_block; its blocks are
         [frame_start + k*3, frame_start + (k+1)*3). A noisy query sees noisy keys up to the end
         of its own block (and, with `window_frames`, only the last `window_frames` frames of
         that range, which is what a ring buffer of that length holds), plus all sink keys
         rotated with its block's ref time (`ref_time`: one int, or one per block).
-        Audio is encoded per block, like at inference. Returns [B, out_dim, F_total, h, w] fp32.
+        Audio is encoded per block, like at inference. ``causal=False`` lets every noisy query see
+        every noisy key (the bidirectional teacher of training). Returns [B, out_dim, F_total, h, w] fp32.
         """
         cfg = self.config
         b, _, f, h, w = self._check_latent(x, "x", cfg.in_dim)
@@ -427,6 +430,8 @@ class CausalWanS2V(nn.Module):
         frame = torch.arange(f, device=self.device).repeat_interleave(fsl)     # [L] relative frame
         block_end = (frame // fpb + 1) * fpb                                     # [L] per query
         mask = frame[None, :] < block_end[:, None]                               # [L, L]
+        if not causal:
+            mask = torch.ones_like(mask)
         if window_frames is not None:
             mask &= frame[None, :] >= block_end[:, None] - window_frames
         group = torch.tensor([distinct.index(r) for r in ref_times], device=self.device)[frame // fpb]

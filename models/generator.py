@@ -59,6 +59,7 @@ class GenerationOptions:
     rolling_sink: bool = True     # move the ref's RoPE time with the block (off: ref stays at ref_rope_time)
     reanchor: bool = True         # replace the sink's ref by the first generated latent frame
     reanchor_block: int | None = None  # block index at which re-anchoring happens (None: one clip = kv_cache_blocks)
+    sink: bool = True             # attend to the sink at all (off: the "no sink" ablation)
 
 
 def block_noise(seed: int, block_index: int, shape: Sequence[int], dtype: torch.dtype = torch.float32,
@@ -234,7 +235,8 @@ class LiveAvatarGenerator:
         t = torch.full((x.shape[0],), self.scheduler.timestep(step), dtype=torch.float32)
         v = self.dit.forward_block(x, t, audio, session.text_emb, kv, session.sink,
                                    frame_start=block_index * self.config.frames_per_block,
-                                   ref_time=self.ref_time(session, block_index, step))
+                                   ref_time=self.ref_time(session, block_index, step),
+                                   use_sink=session.options.sink)
         return self.scheduler.step(x, v.to(x.dtype), step)
 
     # ---- one block (all steps) -------------------------------------------------------------

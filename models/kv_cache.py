@@ -141,6 +141,7 @@ class SinkCache:
     positions: RopePositions   # prefill positions (ref group at config.ref_rope_time)
     num_ref_tokens: int        # the ref group is tokens [0, num_ref_tokens)
     prefill_count: int = 0     # how many times the sink was (re)filled; 0 = empty
+    keep_grad: bool = False    # training: keep the autograd graph of the K/V (prefill once per graph)
 
     @classmethod
     def allocate(cls, config: DiTConfig, batch_size: int, latent_hw: tuple[int, int],
@@ -166,6 +167,9 @@ class SinkCache:
         if k.shape != self.k[layer].shape:
             raise ModelInputError(f"sink K/V {tuple(k.shape)} does not match the cache "
                                   f"{tuple(self.k[layer].shape)}")
+        if self.keep_grad:                     # training: the cond path learns through the sink
+            self.k[layer], self.v[layer] = k, v
+            return
         self.k[layer].copy_(k.detach())
         self.v[layer].copy_(v.detach())
 

@@ -41,6 +41,7 @@ from models.checkpoint import (
     load_torch_pth,
     merge_lora,
 )
+from models.checkpoints import SHIPPED_CHECKPOINT, SHIPPED_SPEC
 from models.config import ConfigError, DiTConfig
 from models.dit import CausalWanS2V
 from models.scheduler import SchedulerConfig
@@ -118,7 +119,8 @@ class LiveAvatarConfig:
 
     @classmethod
     def load(cls, spec: str | Path) -> LiveAvatarConfig:
-        """``"tiny"``, ``"reference"``, or a checkpoint directory.
+        """``"tiny"``, ``"reference"``, ``"tiny-trained"`` (the shipped checkpoint's config), or a
+        checkpoint directory.
 
         A directory with ``liveavatar.json`` gives the whole bundle; otherwise its ``config.json`` is
         the DiT config (official Wan2.2-S2V layout) and the other networks take their real-size defaults.
@@ -127,14 +129,28 @@ class LiveAvatarConfig:
             return cls.tiny()
         if str(spec) == "reference":
             return cls.reference()
+        if str(spec) == SHIPPED_SPEC:
+            if not (SHIPPED_CHECKPOINT / BUNDLE_CONFIG_FILE).exists():
+                raise ConfigError(f"the shipped checkpoint is missing from {SHIPPED_CHECKPOINT}; rebuild it with "
+                                  f"`liveavatar train --out runs/train --install`")
+            return cls.from_dict(json.loads((SHIPPED_CHECKPOINT / BUNDLE_CONFIG_FILE).read_text()))
         path = Path(spec)
         if not path.is_dir():
-            raise ConfigError(f"config must be 'tiny', 'reference' or a checkpoint directory; {str(spec)!r} is none")
+            raise ConfigError(f"config must be 'tiny', 'reference', '{SHIPPED_SPEC}' or a checkpoint directory; "
+                              f"{str(spec)!r} is none")
         if (path / BUNDLE_CONFIG_FILE).exists():
             return cls.from_dict(json.loads((path / BUNDLE_CONFIG_FILE).read_text()))
         if not (path / "config.json").exists():
             raise ConfigError(f"{path} has neither {BUNDLE_CONFIG_FILE} nor config.json")
         return cls(dit=DiTConfig.from_json(path / "config.json"))
+
+
+def default_checkpoint(spec: str | Path, checkpoint: str | Path | None = None) -> str | None:
+    """The weights a (config spec, checkpoint) pair means: ``checkpoint`` when given, the shipped
+    checkpoint for ``"tiny-trained"``, else None (seeded random weights)."""
+    if checkpoint is not None:
+        return str(checkpoint)
+    return str(SHIPPED_CHECKPOINT) if str(spec) == SHIPPED_SPEC else None
 
 
 def _dataclass_from_dict(klass, raw: dict[str, Any], what: str):

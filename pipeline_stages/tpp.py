@@ -187,13 +187,13 @@ def stage_name(rank: int, steps: int) -> str:
 def _meta_tensor(start: StartSession) -> torch.Tensor:
     o = start.options
     return torch.tensor([start.seed, int(o.rolling_sink), int(o.reanchor),
-                         -1 if o.reanchor_block is None else o.reanchor_block], dtype=torch.int64)
+                         -1 if o.reanchor_block is None else o.reanchor_block, int(o.sink)], dtype=torch.int64)
 
 
 def _options_from_meta(meta: torch.Tensor) -> tuple[int, GenerationOptions]:
-    seed, rolling, reanchor, rb = meta.tolist()
+    seed, rolling, reanchor, rb, sink = meta.tolist()
     return seed, GenerationOptions(rolling_sink=bool(rolling), reanchor=bool(reanchor),
-                                   reanchor_block=None if rb < 0 else rb)
+                                   reanchor_block=None if rb < 0 else rb, sink=bool(sink))
 
 
 def run_rank(spec: RankSpec, source: LaneSource | None, output: LaneOutput | None, report: Reporter) -> None:

@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.audio_encoder.triton_server", description=__doc__.split("\n")[0])
     p.add_argument("--http-port", type=int, required=True, help="HTTP/REST port on 127.0.0.1")
     p.add_argument("--grpc-port", type=int, required=True, help="gRPC port on 127.0.0.1")
-    p.add_argument("--model", default="tiny", help="'tiny', 'reference' or a checkpoint directory (config)")
+    p.add_argument("--model", default="tiny-trained", help="'tiny-trained', 'tiny', 'reference' or a checkpoint "
+                                                           "directory (config)")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory with the wav2vec2 weights "
                                                       "(default: seeded random weights)")
     p.add_argument("--seed", type=int, default=0, help="weights seed without --checkpoint (as the worker's)")
@@ -67,11 +68,12 @@ def build_encoder(args: argparse.Namespace):
     """The wav2vec2 encoder exactly as the audio-encoder worker builds it."""
     import torch
 
-    from models.liveavatar import LiveAvatarConfig, build_models
+    from models.liveavatar import LiveAvatarConfig, build_models, default_checkpoint
 
     torch.set_num_threads(args.threads)
     config = LiveAvatarConfig.load(args.model)
-    models = build_models(config, device=args.device, seed=args.seed, checkpoint=args.checkpoint, parts={"audio"})
+    models = build_models(config, device=args.device, seed=args.seed,
+                          checkpoint=default_checkpoint(args.model, args.checkpoint), parts={"audio"})
     return models.audio
 
 

@@ -32,7 +32,7 @@ import torch
 
 from infra import topics
 from models.inputs import InputError, load_image
-from models.liveavatar import LiveAvatarConfig, build_models
+from models.liveavatar import LiveAvatarConfig, build_models, default_checkpoint
 from pipeline_stages.sequential import SessionSpec as _Spec
 from pipeline_stages.sequential import prepare_sink
 from services.common.health import BLOCK_LATENCY, BLOCKS, DUPLICATES
@@ -71,7 +71,8 @@ class AudioEncoderWorker:
         self.s = settings
         torch.set_num_threads(settings.threads)
         self.config = LiveAvatarConfig.load(settings.model)
-        self.models = build_models(self.config, seed=settings.weights_seed, checkpoint=settings.checkpoint,
+        self.models = build_models(self.config, seed=settings.weights_seed,
+                                   checkpoint=default_checkpoint(settings.model, settings.checkpoint),
                                    parts={"audio", "vae", "text"})
         self.backend = self._make_backend()
         self.block_samples = self.config.audio.block_samples

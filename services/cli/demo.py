@@ -1,12 +1,15 @@
 """``make demo``: the main job on the embedded default, end to end, on ../shared/examples.
 
-1. ``liveavatar generate`` (single process) for every example image + speech -> ``out/<name>.mp4``;
+The model is the shipped trained tiny checkpoint (``models/checkpoints/liveavatar-tiny``), trained
+on procedural 64x64 faces, so the reference images are held-out synthetic identities (the example
+photos are outside that domain) and the speech is the real example speech:
+
+1. ``liveavatar generate`` (single process) for every example speech, each with its own held-out
+   face -> ``out/<name>.mp4``, scored by ``liveavatar eval`` (lip sync, identity, motion) ->
+   ``out/<name>.eval/``, and a contact sheet of frames with the audio envelope -> ``out/contact_sheet.png``;
 2. the same job for one example through a 5-process TPP lane (``--tpp``), checked equal to step 1;
 3. the whole local stack (``liveavatar up``: broker, Redis, audio-encoder, a lane, stream-packager),
    one session streamed through it -> ``out/<name>.services.mp4``, then ``liveavatar down``.
-
-The tiny configuration's weights are SEEDED RANDOM until a trained tiny checkpoint ships (issue 8):
-the videos show structured noise, not a talking face. The demo says so.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import uuid
 from pathlib import Path
 
 NOT_BUILT = [
-    ("trained tiny checkpoint and quality harness (issue 8)", "not built: weights are seeded random"),
     ("WebRTC output of the session API (optional in issue 6)", "not built"),
 ]
+#: Held-out synthetic identities (training used identities 0..799) that play the demo's avatars.
+DEMO_IDENTITIES = (812, 905, 977)
 
 
 def default_examples() -> Path:
@@ -39,6 +43,61 @@ def _generate(image: Path, audio: Path, out: Path, extra: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _run_cli(args: list[str]) -> str:
+    r = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"liveavatar {args[0]} failed:\n{r.stderr}")
+    return r.stdout
+
+
+def write_faces(out_dir: Path) -> list[Path]:
+    """The demo's reference images: held-out synthetic faces as PNG."""
+    from PIL import Image
+
+    from models.training.synthetic import face_params, reference_image
+
+    paths = []
+    for identity in DEMO_IDENTITIES:
+        path = out_dir / f"face_{identity}.png"
+        Image.fromarray(reference_image(face_params(identity))).save(path)
+        paths.append(path)
+    return paths
+
+
+def contact_sheet(video: Path, audio: Path, out_png: Path, start_s: float = 2.0, columns: int = 12,
+                  rows: int = 3, scale: int = 2) -> Path:
+    """Consecutive frames (``rows x columns`` from ``start_s``) with the audio envelope drawn under each
+    frame, so one can see the mouth follow the speech."""
+    import av
+    from PIL import Image, ImageDraw
+
+    from models.inputs import load_audio
+    from models.training.synthetic import FPS, mouth_envelope
+
+    first, count = round(start_s * FPS), rows * columns
+    frames = []
+    with av.open(str(video)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i >= first:
+                frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) == count:
+                break
+    env = mouth_envelope(load_audio(str(audio), 3600))
+    h, w = frames[0].shape[:2]
+    bar = 10
+    sheet = Image.new("RGB", (columns * w * scale, rows * (h * scale + bar)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, f in enumerate(frames):
+        r, c = divmod(k, columns)
+        x, y = c * w * scale, r * (h * scale + bar)
+        sheet.paste(Image.fromarray(f).resize((w * scale, h * scale), Image.Resampling.NEAREST), (x, y))
+        level = float(env[first + k]) if first + k < len(env) else 0.0
+        draw.rectangle([x + 1, y + h * scale + 2, x + 1 + round(level * (w * scale - 2)), y + h * scale + bar - 2],
+                       fill=(200, 40, 40))
+    sheet.save(out_png)
+    return out_png
+
+
 def run_demo(args: argparse.Namespace) -> int:
     examples = Path(args.examples) if args.examples else default_examples()
     out_dir = Path(args.out_dir)
@@ -47,24 +106,32 @@ def run_demo(args: argparse.Namespace) -> int:
     if not pairs:
         print(f"error: no example .jpg + .wav pairs in {examples}", file=sys.stderr)
         return 2
-    print("NOTE: the tiny configuration runs with SEEDED RANDOM weights (no trained checkpoint yet):")
-    print("      the videos show structured noise driven by the real pipeline, not a talking avatar.\n")
+    print("model: the shipped trained tiny checkpoint (64x64, synthetic talking-face domain); the avatars are\n"
+          "held-out synthetic faces, the speech is the real example speech.\n")
+    faces = write_faces(out_dir)
+    pairs = [(faces[i % len(faces)], audio, audio.stem) for i, (_, audio) in enumerate(pairs)]
 
-    # 1. single process, every example
-    for image, audio in pairs:
-        s = _generate(image, audio, out_dir / f"{image.stem}.mp4", ["--dump-latents", str(out_dir / f"{image.stem}.latents.safetensors")])
-        print(f"generate   {image.stem:22s} {s['frames']:4d} frames  {s['fps']:6.1f} FPS  "
+    # 1. single process, every example speech with its own face; scored by the quality harness
+    for image, audio, name in pairs:
+        s = _generate(image, audio, out_dir / f"{name}.mp4",
+                      ["--dump-latents", str(out_dir / f"{name}.latents.safetensors")])
+        print(f"generate   {name:22s} {s['frames']:4d} frames  {s['fps']:6.1f} FPS  "
               f"RTF {s['real_time_factor']:.2f}  -> {s['out']}")
+        summary = _run_cli(["eval", str(out_dir / f"{name}.mp4"), "--reference", str(image), "--audio", str(audio),
+                            "--out", str(out_dir / f"{name}.eval"), "--threads", "1", "--no-progress"])
+        print(f"eval       {name:22s} {summary.strip().splitlines()[0]}")
+    image, audio, name = pairs[0]
+    sheet = contact_sheet(out_dir / f"{name}.mp4", audio, out_dir / "contact_sheet.png")
+    print(f"contact sheet of {name} (frames with the audio envelope under each) -> {sheet}")
 
     # 2. the first example through a TPP lane: same latents
-    image, audio = pairs[0]
-    tpp_lat = out_dir / f"{image.stem}.tpp.latents.safetensors"
-    s = _generate(image, audio, out_dir / f"{image.stem}.tpp.mp4", ["--tpp", "--dump-latents", str(tpp_lat)])
+    tpp_lat = out_dir / f"{name}.tpp.latents.safetensors"
+    s = _generate(image, audio, out_dir / f"{name}.tpp.mp4", ["--tpp", "--dump-latents", str(tpp_lat)])
     from safetensors.torch import load_file
 
-    a, b = load_file(str(out_dir / f"{image.stem}.latents.safetensors")), load_file(str(tpp_lat))
+    a, b = load_file(str(out_dir / f"{name}.latents.safetensors")), load_file(str(tpp_lat))
     same = a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
-    print(f"generate   {image.stem + ' --tpp':22s} {s['frames']:4d} frames  {s['fps']:6.1f} FPS  "
+    print(f"generate   {name + ' --tpp':22s} {s['frames']:4d} frames  {s['fps']:6.1f} FPS  "
           f"(5 processes; latents {'bit-identical to' if same else 'DIFFERENT from'} the single-process run)")
 
     # 3. the local stack: one session through the services
@@ -94,9 +161,9 @@ def run_demo(args: argparse.Namespace) -> int:
             producer.flush()
             media.wait_end([sid], 600)
             data, blocks = assemble(media.messages[sid])
-            path = out_dir / f"{image.stem}.services.mp4"
+            path = out_dir / f"{name}.services.mp4"
             path.write_bytes(data)
-            print(f"services   {image.stem:22s} {len(blocks):4d} blocks in order through audio-encoder -> lane "
+            print(f"services   {name:22s} {len(blocks):4d} blocks in order through audio-encoder -> lane "
                   f"(5 processes) -> packager in {time.monotonic() - t1:.1f} s -> {path}")
             media.close()
             producer.close()

@@ -21,8 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="reference image (JPEG, PNG, ...)")
     p.add_argument("--audio", required=True, help="speech (WAV int16/float, FLAC, OGG, MP3; any rate, mono or stereo)")
     p.add_argument("--prompt", default="", help="text prompt, encoded once")
-    p.add_argument("--config", default="tiny", help="'tiny', 'reference' or a checkpoint directory (default tiny)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (official layout); default: seeded random")
+    p.add_argument("--config", default="tiny-trained", help="'tiny-trained' (the shipped trained checkpoint), 'tiny' "
+                   "(seeded random weights), 'reference' or a checkpoint directory (default tiny-trained)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (official layout); default: the shipped "
+                   "checkpoint for tiny-trained, seeded random weights otherwise")
     p.add_argument("--lora", default=None, help="PEFT LoRA file (liveavatar.safetensors), merged at load time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -55,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models.inputs import load_audio, load_image
-    from models.liveavatar import LiveAvatarConfig, build_models
+    from models.liveavatar import LiveAvatarConfig, build_models, default_checkpoint
     from pipeline_stages.sequential import SequentialRunner, SessionSpec
 
     # 1. inputs first: bad input fails before any model is built
@@ -71,8 +73,9 @@ def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = LiveAvatarConfig.load(args.config)
+    checkpoint = default_checkpoint(args.config, args.checkpoint)
     t0 = time.monotonic()
-    random_weights = args.checkpoint is None
+    random_weights = checkpoint is None
     if random_weights:
         print("note: no checkpoint given, so the weights are SEEDED RANDOM: the video shows structured noise, "
               "not a talking avatar", file=sys.stderr)
@@ -87,10 +90,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.tpp:    # the same job through a 5-process lane; the parent only encodes audio and packages
         from pipeline_stages.tpp import TPPLane
 
-        runner = TPPLane(config, device=args.device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
+        runner = TPPLane(config, device=args.device, dtype=dtype, seed=args.seed, checkpoint=checkpoint,
                          lora=args.lora, threads_per_rank=args.threads or 1)
     else:
-        models = build_models(config, device=device, dtype=dtype, seed=args.seed, checkpoint=args.checkpoint,
+        models = build_models(config, device=device, dtype=dtype, seed=args.seed, checkpoint=checkpoint,
                               lora=args.lora)
         runner = contextlib.nullcontext(SequentialRunner(models))
     with open(out, "wb") as f, runner as r:

@@ -113,6 +113,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return inspect_cmd.run(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from services.cli import train_cmd
+
+    return train_cmd.run(args)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from services.cli import eval_cmd
+
+    return eval_cmd.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liveavatar", description="LiveAvatar: real-time streaming avatar video")
     parser.add_argument("--log-level", default="WARNING", help="log level for the CLI (default WARNING)")
@@ -159,13 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("inspect", help="parameter count, keys and FLOPs of a config (meta device)")
-    try:
-        from services.cli import inspect_cmd
-    except ImportError:  # pragma: no cover - being written
-        inspect_cmd = None
-    if inspect_cmd is not None:
-        inspect_cmd.add_arguments(p)
+    from services.cli import inspect_cmd
+
+    inspect_cmd.add_arguments(p)
     p.set_defaults(func=_cmd_inspect)
+
+    from services.cli import eval_cmd, train_cmd
+
+    p = sub.add_parser("train", help="train the tiny checkpoint from scratch (synthetic data, VAE, teacher, DMD)")
+    train_cmd.add_arguments(p)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("eval", help="quality report of a video: lip sync, identity, motion, frame quality")
+    eval_cmd.add_arguments(p)
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -16,9 +16,11 @@ class WorkerSettings(LiveAvatarSettings):
 
     health_host: str = Field("127.0.0.1", description="address of /healthz, /readyz, /metrics (0.0.0.0 in a pod)")
     health_port: int = Field(8080, description="port of /healthz, /readyz, /metrics (0: any free port)")
-    model: str = Field("tiny", validation_alias="LIVEAVATAR_MODEL_CONFIG",
-                       description="'tiny', 'reference' or a checkpoint directory")
-    checkpoint: str | None = Field(None, description="checkpoint directory; unset: seeded random weights")
+    model: str = Field("tiny-trained", validation_alias="LIVEAVATAR_MODEL_CONFIG",
+                       description="'tiny-trained' (the shipped trained checkpoint), 'tiny' (seeded random), "
+                                   "'reference' or a checkpoint directory")
+    checkpoint: str | None = Field(None, description="checkpoint directory; unset: the shipped checkpoint for "
+                                                     "'tiny-trained', seeded random weights otherwise")
     weights_seed: int = Field(0, description="seed of the random weights when no checkpoint is given")
     redis_namespace: str = Field("la", description="prefix of every Redis key")
     poll_ms: int = Field(200, description="Kafka poll timeout")

@@ -28,7 +28,7 @@ from kafka import OffsetAndMetadata, TopicPartition
 
 from infra import topics
 from models.generator import GenerationOptions
-from models.liveavatar import LiveAvatarConfig
+from models.liveavatar import LiveAvatarConfig, default_checkpoint
 from pipeline_stages.sink import SinkInputs
 from pipeline_stages.tpp import (
     AnchorReady,
@@ -308,7 +308,8 @@ class _LogReporter:
 def run_lane_rank(s: LaneSettings) -> None:
     config = LiveAvatarConfig.load(s.model)
     spec = RankSpec(rank=s.dist_rank, steps=s.lane_stages, config=config, init_method=s.init_method(),
-                    device=s.device, dtype=s.dtype, weights_seed=s.weights_seed, checkpoint=s.checkpoint,
+                    device=s.device, dtype=s.dtype, weights_seed=s.weights_seed,
+                    checkpoint=default_checkpoint(s.model, s.checkpoint),
                     timeout_s=s.rank_timeout_s, heartbeat_s=s.heartbeat_s, threads=s.threads)
     store = StateStore.from_url(s.redis_url.get_secret_value(), namespace=s.redis_namespace)
     reporter = _LogReporter(s.dist_rank)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models.checkpoints import SHIPPED_CHECKPOINT
 from models.inputs import load_audio, load_image
 from models.liveavatar import LiveAvatarConfig, build_models
 from pipeline_stages.sequential import SessionSpec, generate_blocks
@@ -39,9 +40,10 @@ def test_generate_writes_a_playable_mp4_and_the_latents_of_the_in_process_run(mo
             "--dump-latents", str(lat), *extra)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["blocks"] == 7 and summary["frames"] == 84 and summary["random_weights"] is True
+    # the default model is the shipped trained checkpoint
+    assert summary["blocks"] == 7 and summary["frames"] == 84 and summary["random_weights"] is False
     assert summary["mode"] == mode
-    assert "SEEDED RANDOM" in r.stderr
+    assert "SEEDED RANDOM" not in r.stderr
 
     probe = json.loads(subprocess.run(
         [shutil.which("ffprobe") or "ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json", str(out)],
@@ -53,7 +55,7 @@ def test_generate_writes_a_playable_mp4_and_the_latents_of_the_in_process_run(mo
 
     # the dumped latents equal an in-process sequential run on the same (resampled) inputs and seed
     torch.set_num_threads(1)
-    models = build_models(LiveAvatarConfig.tiny(), seed=3)
+    models = build_models(LiveAvatarConfig.load(SHIPPED_CHECKPOINT), checkpoint=SHIPPED_CHECKPOINT)
     pcm16 = load_audio(str(clip), 60)
     blocks = generate_blocks(models, SessionSpec(load_image(str(image), 50_000_000), "", seed=3), pcm16)
     dumped = load_file(str(lat))

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from infra.local.stack import pid_alive
+from models.checkpoints import SHIPPED_CHECKPOINT
 from models.inputs import load_audio, load_image
 from models.liveavatar import LiveAvatarConfig, build_models
 from pipeline_stages.sequential import SessionSpec, generate_blocks
@@ -101,7 +102,7 @@ def check_complete(messages, n_blocks: int, out: Path | None = None):
 
 def reference(image: bytes, pcm: np.ndarray, seed: int):
     torch.set_num_threads(1)
-    models = build_models(LiveAvatarConfig.tiny(), seed=0)
+    models = build_models(LiveAvatarConfig.load(SHIPPED_CHECKPOINT), checkpoint=SHIPPED_CHECKPOINT)  # the default
     return generate_blocks(models, SessionSpec(load_image(image, 50_000_000), "", seed=seed), pcm)
 
 

@@ -68,7 +68,7 @@ def test_tiny_cpu_profile_requests_no_gpu_and_runs_on_cpu():
     for name, _, spec in cl.pod_specs(lws):
         assert cl.env_of(spec["containers"][0])["LIVEAVATAR_DEVICE"]["value"] == "cpu", name
     cm = cl.of_kind(docs, "ConfigMap")[0]["data"]
-    assert cm["LIVEAVATAR_MODEL_CONFIG"] == "tiny"
+    assert cm["LIVEAVATAR_MODEL_CONFIG"] == "tiny-trained"
 
 
 @pytest.mark.parametrize("scenario", ALL)

@@ -72,7 +72,7 @@ class TritonPythonModel:
         try:
             import torch
 
-            from models.liveavatar import LiveAvatarConfig, build_models
+            from models.liveavatar import LiveAvatarConfig, build_models, default_checkpoint
             from services.audio_encoder.backends import check_pcm_batch, encode_pcm_batch
         except ImportError as exc:
             raise ImportError(f"liveavatar_audio needs the LiveAvatar packages (models, services) and torch in "
@@ -89,7 +89,8 @@ class TritonPythonModel:
             if threads > 0:
                 torch.set_num_threads(threads)
         config = LiveAvatarConfig.load(model_spec)
-        self.encoder = build_models(config, device=device, seed=seed, checkpoint=checkpoint, parts={"audio"}).audio
+        self.encoder = build_models(config, device=device, seed=seed, checkpoint=default_checkpoint(model_spec, checkpoint),
+                                    parts={"audio"}).audio
         cfg = self.encoder.config
         self.block_samples = cfg.block_samples
         feature_shape = [cfg.num_states, cfg.hidden_size, cfg.block_frames]

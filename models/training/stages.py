@@ -1,0 +1,393 @@
+"""The three training stages, each one ``step_fn`` for :func:`models.training.loop.run_stage`.
+
+1. :class:`VAEStage`: the tiny Wan VAE on rendered clips (L1 + frame-difference L1 + a small KL).
+2. :class:`FlowMatchingStage`: a DiT trained with flow matching on cached latents, with audio
+   injection and the reference + motion sink. ``causal=False`` is the bidirectional teacher (every
+   noisy frame sees every other); ``causal=True`` is the block-causal warm start of the student.
+   The audio encoder (wav2vec2) can be trained with it.
+3. :class:`SelfForcingDMDStage`: the causal 4-step student rolls out block by block with its own
+   KV caches and timestep forcing (the inference code path, :meth:`LiveAvatarGenerator.denoise_step`'s
+   math), one randomly chosen denoising step per rollout carrying gradients. The frozen teacher is
+   the real score, a trainable critic (initialised from the teacher) is the fake score; the student
+   follows the DMD gradient ``x0_fake - x0_real`` and the critic learns flow matching on the
+   student's samples.
+
+Conventions (those of :mod:`models.scheduler`): ``x_sigma = (1 - sigma) x0 + sigma * noise``, the
+model predicts ``v = noise - x0`` at timestep ``t = 1000 * sigma``, so ``x0 = x_sigma - sigma * v``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.audio_encoder import Wav2VecAudioEncoder, encode_blocks_batch
+from models.dit import CausalWanS2V, draw_sink_lead
+from models.kv_cache import KVCache, SinkCache
+from models.scheduler import FlowMatchScheduler, shift_sigma
+from models.training import synthetic as syn
+from models.training.data import LatentDataset, sample_indices, to_pixels
+from models.vae import WanVAE
+
+# ---------------------------------------------------------------------------------------------
+# 1. VAE
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAEStage:
+    """One step of the VAE as a plain autoencoder with latent noise.
+
+    The first ``image_steps`` steps reconstruct ``image_batch`` single frames with MSE alone (the
+    first-frame path, cheap: the appearance is learnt here; this narrow network otherwise sits on a
+    grey plateau for a long time). After that, even steps keep doing that and odd steps
+    reconstruct ``batch`` clips of ``dataset.num_frames`` (1 + 4k) frames (the temporal
+    down/up-sampling path that streaming uses). From step ``long_from`` on, clip steps use
+    ``long_dataset`` (longer clips): only a clip of two or more 4-frame chunks shows the decoder the
+    steady state that streaming runs in (a chunk decoded with the previous chunk in its caches).
+    Loss = MSE + 0.1 * L1 + ``motion_weight`` * L1 of frame differences (moving parts: mouth, eyes).
+    No gradient clipping: with it this narrow network sits for ~1000 steps on a grey plateau.
+    The latent is the posterior mean plus Gaussian noise of ``latent_noise`` times its (detached)
+    std, so the decoder tolerates the DiT's small errors; there is no KL term (a simplification:
+    the latent scale is fixed afterwards by :func:`fit_latent_stats`).
+    """
+
+    vae: WanVAE
+    dataset: syn.SyntheticDataset       # clips of 1 + 4k frames
+    optimizer: torch.optim.Optimizer
+    batch: int
+    image_batch: int = 8
+    image_steps: int = 600
+    long_dataset: syn.SyntheticDataset | None = None
+    long_from: int = 0
+    latent_noise: float = 0.05
+    motion_weight: float = 1.0
+
+    def __call__(self, step: int, gen: torch.Generator) -> dict[str, float]:
+        warmup = step < self.image_steps
+        images = warmup or step % 2 == 0
+        n = self.image_batch if images else self.batch
+        idx = torch.randint(0, len(self.dataset), (n,), generator=gen).tolist()
+        if images:   # one random frame of each clip                                [B, 1, H, W, 3]
+            pick = torch.randint(0, self.dataset.num_frames, (n,), generator=gen).tolist()
+            x = to_pixels(np.stack([self.dataset[i].frames[k:k + 1] for i, k in zip(idx, pick, strict=True)]))
+        else:
+            data = self.long_dataset if self.long_dataset is not None and step >= self.long_from else self.dataset
+            x = to_pixels(np.stack([data[i].frames for i in idx]))               # [B, 3, T, H, W]
+        vae = self.vae
+        # 1. posterior mean plus relative noise                                    [B, z, n, h, w]
+        mu = vae.conv1(vae.encoder(x))[:, :vae.config.z_dim]
+        noise = 0.0 if warmup else self.latent_noise
+        z = mu + noise * mu.detach().std() * torch.randn(mu.shape, generator=gen)
+        # 2. decode the raw latent (no normalisation: the stats are fitted after training)
+        recon = vae.decoder(vae.conv2(z))                                        # [B, 3, T, H, W]
+        # 3. losses
+        mse = (recon - x).square().mean()
+        l1 = (recon - x).abs().mean()
+        motion = torch.zeros(())
+        if x.shape[2] > 1:
+            motion = ((recon[:, :, 1:] - recon[:, :, :-1]) - (x[:, :, 1:] - x[:, :, :-1])).abs().mean()
+        loss = mse if warmup else mse + 0.1 * l1 + self.motion_weight * motion
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "motion": motion.item(),
+                "images": float(images)}
+
+
+@dataclass
+class DecoderStage:
+    """Fine-tune the VAE decoder alone on long clips (the encoder, hence the DiT's latent space, is frozen).
+
+    Streaming decodes block after block, so the decoder runs in its steady state: every chunk has
+    a full 4-frame chunk before it in its caches. Short training clips (1 + 4 or 1 + 4 + 4 frames)
+    never show that state and the colours drift after the second chunk; clips of ``dataset.num_frames``
+    (e.g. 17 = five chunks) do. One-shot decoding equals streaming decoding bit for bit (the VAE
+    tests), so the long clip is decoded in one call.
+    """
+
+    vae: WanVAE
+    dataset: syn.SyntheticDataset
+    optimizer: torch.optim.Optimizer
+    batch: int
+    latent_noise: float = 0.05
+    motion_weight: float = 1.0
+
+    def __call__(self, step: int, gen: torch.Generator) -> dict[str, float]:
+        idx = torch.randint(0, len(self.dataset), (self.batch,), generator=gen).tolist()
+        x = to_pixels(np.stack([self.dataset[i].frames for i in idx]))           # [B, 3, T, H, W]
+        vae = self.vae
+        with torch.no_grad():                                                    # frozen encoder
+            mu = vae.conv1(vae.encoder(x))[:, :vae.config.z_dim]
+        z = mu + self.latent_noise * mu.std() * torch.randn(mu.shape, generator=gen)
+        recon = vae.decoder(vae.conv2(z))
+        mse = (recon - x).square().mean()
+        l1 = (recon - x).abs().mean()
+        motion = ((recon[:, :, 1:] - recon[:, :, :-1]) - (x[:, :, 1:] - x[:, :, :-1])).abs().mean()
+        loss = mse + 0.1 * l1 + self.motion_weight * motion
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        tail = (recon[:, :, -4:] - x[:, :, -4:]).abs().mean()                      # the last chunk's error
+        return {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "motion": motion.item(),
+                "last_chunk_l1": tail.item()}
+
+
+@torch.no_grad()
+def fit_latent_stats(vae: WanVAE, dataset: syn.SyntheticDataset, clips: int, batch: int = 8) -> tuple[list[float],
+                                                                                                    list[float]]:
+    """Per-channel mean and std of the raw posterior mean over ``clips`` clips (the VAE's
+    ``latents_mean``/``latents_std``, so that normalised latents are ~N(0, 1) for the DiT)."""
+    z_dim, sums, sq, count = vae.config.z_dim, 0.0, 0.0, 0
+    for start in range(0, clips, batch):
+        x = to_pixels(np.stack([dataset[i].frames for i in range(start, min(clips, start + batch))]))
+        mu = vae.conv1(vae.encoder(x))[:, :z_dim].double()                     # [b, z, n, h, w]
+        sums = sums + mu.sum(dim=(0, 2, 3, 4))
+        sq = sq + mu.square().sum(dim=(0, 2, 3, 4))
+        count += mu.numel() // z_dim
+    mean = sums / count
+    std = (sq / count - mean.square()).clamp_min(1e-8).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared DiT helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiTBatch:
+    """Conditioning (and, for flow matching, clean latents) of a batch of clips."""
+
+    x0: Tensor          # [B, C, F, h, w] clean latents
+    ref: Tensor         # [B, C, 1, h, w]
+    motion: Tensor      # [B, C, Fm, h, w]
+    pcm: Tensor         # [B, blocks, block_samples]
+    context: Tensor     # [B, text_len, text_dim] text-encoder output, zero padded
+
+
+def draw_batch(data: LatentDataset, contexts: Tensor, batch: int, gen: torch.Generator) -> DiTBatch:
+    """Random clips of the latent dataset with a random prompt each (``contexts`` [P, text_len, text_dim])."""
+    idx = sample_indices(len(data), batch, gen)
+    ref, motion = data.cond(idx)
+    prompts = torch.randint(0, contexts.shape[0], (len(idx),), generator=gen)
+    return DiTBatch(x0=data.latents[idx], ref=ref, motion=motion, pcm=data.pcm[idx], context=contexts[prompts])
+
+
+def audio_features(encoder: Wav2VecAudioEncoder, pcm: Tensor) -> Tensor:
+    """[B, blocks, block_samples] -> [B, L, C, blocks * block_frames] (each block encoded alone)."""
+    b, n, s = pcm.shape
+    feats = encode_blocks_batch(encoder, pcm.reshape(b * n, s))                   # [B*n, L, C, 12]
+    _, layers, c, f = feats.shape
+    return feats.view(b, n, layers, c, f).permute(0, 2, 3, 1, 4).reshape(b, layers, c, n * f)
+
+
+def sample_sigma(n: int, shift: float, gen: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> Tensor:
+    """Noise levels for training: uniform u in [lo, hi], shifted like the sampling schedule. [n]"""
+    u = lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+    return torch.tensor([shift_sigma(float(v), shift) for v in u], dtype=torch.float32)
+
+
+def block_ref_times(dit: CausalWanS2V, frame_start: int, blocks: int, seed: int, step: int) -> list[int]:
+    """The rolling sink's ref RoPE time for each block of a clip starting at ``frame_start`` (seeded draw)."""
+    fpb = dit.config.frames_per_block
+    return [dit.sink_ref_time(frame_start + k * fpb, draw_sink_lead(seed, frame_start + k * fpb, step, dit.config))
+            for k in range(blocks)]
+
+
+def make_sink(dit: CausalWanS2V, ref: Tensor, motion: Tensor, text_emb: Tensor, grad: bool) -> SinkCache:
+    """Prefill a sink for a batch; ``grad`` keeps the autograd graph (the cond path trains)."""
+    sink = SinkCache.allocate(dit.config, ref.shape[0], tuple(ref.shape[-2:]), device=dit.device, dtype=dit.dtype)
+    sink.keep_grad = grad
+    if grad:
+        dit.prefill_sink(ref, motion, text_emb, sink)
+    else:
+        with torch.no_grad():
+            dit.prefill_sink(ref, motion, text_emb, sink)
+    return sink
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Flow matching (teacher, causal warm start, DMD critic)
+# ---------------------------------------------------------------------------------------------
+
+
+def flow_matching_loss(dit: CausalWanS2V, x0: Tensor, audio: Tensor, context: Tensor, ref: Tensor, motion: Tensor,
+                       sigma: Tensor, noise: Tensor, frame_start: int, ref_times: list[int], causal: bool) -> Tensor:
+    """MSE between the predicted velocity and ``noise - x0`` at noise levels ``sigma`` [B]."""
+    s = sigma.view(-1, 1, 1, 1, 1)
+    x_t = (1.0 - s) * x0 + s * noise                                             # [B, C, F, h, w]
+    text_emb = dit.embed_text(context)
+    sink = make_sink(dit, ref, motion, text_emb, grad=True)
+    v = dit.forward_full(x_t, sigma * 1000.0, audio, text_emb, sink, ref_time=ref_times, frame_start=frame_start,
+                         causal=causal)
+    return F.mse_loss(v, noise - x0)
+
+
+@dataclass
+class FlowMatchingStage:
+    """One flow-matching step of a DiT (and optionally the audio encoder) on the latent dataset.
+
+    ``audio_dropout``: probability of zeroing a clip's audio features, so the teacher also learns the
+    audio-free velocity that classifier-free guidance on audio needs. ``max_frame_start``: clips are
+    placed at a random block-aligned start in [0, max_frame_start] (long streams see large positions).
+    """
+
+    dit: CausalWanS2V
+    audio: Wav2VecAudioEncoder
+    data: LatentDataset
+    contexts: Tensor
+    optimizer: torch.optim.Optimizer
+    batch: int
+    shift: float
+    causal: bool
+    train_audio: bool
+    seed: int
+    audio_dropout: float = 0.1
+    max_frame_start: int = 192
+
+    def __call__(self, step: int, gen: torch.Generator) -> dict[str, float]:
+        b = draw_batch(self.data, self.contexts, self.batch, gen)
+        fpb = self.dit.config.frames_per_block
+        n_blocks = b.x0.shape[2] // fpb
+        # 1. audio features (with grad when the encoder trains), some dropped   [B, L, C, 4F]
+        with torch.set_grad_enabled(self.train_audio):
+            audio = audio_features(self.audio, b.pcm)
+        keep = (torch.rand(audio.shape[0], generator=gen) >= self.audio_dropout).float().view(-1, 1, 1, 1)
+        audio = audio * keep
+        # 2. noise level, noise, placement in the stream
+        sigma = sample_sigma(b.x0.shape[0], self.shift, gen)
+        noise = torch.randn(b.x0.shape, generator=gen)
+        frame_start = fpb * int(torch.randint(0, self.max_frame_start // fpb + 1, (1,), generator=gen))
+        ref_times = block_ref_times(self.dit, frame_start, n_blocks, self.seed + step, 0)
+        # 3. loss and update
+        loss = flow_matching_loss(self.dit, b.x0, audio, b.context, b.ref, b.motion, sigma, noise, frame_start,
+                                  ref_times, self.causal)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.optimizer.step()
+        return {"loss": loss.item(), "grad_norm": float(gnorm)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Self-Forcing DMD
+# ---------------------------------------------------------------------------------------------
+
+
+def rollout(student: CausalWanS2V, scheduler: FlowMatchScheduler, audio: Tensor, text_emb: Tensor, sink: SinkCache,
+            noise: Tensor, exit_step: int, lead_seed: int = 0) -> Tensor:
+    """Student self-rollout of ``noise`` [B, C, F, h, w] (F = blocks * 3), block by block.
+
+    Every block runs every denoising step with that step's own KV cache (timestep forcing, as at
+    inference). Step ``exit_step`` runs with gradients; its x0 prediction ``x - sigma * v`` is the
+    block's output. The other steps run without gradients and continue the Euler chain so that the
+    later steps' caches hold what inference would put there. Returns [B, C, F, h, w] (with grad).
+    """
+    cfg = student.config
+    fpb, steps = cfg.frames_per_block, scheduler.num_steps
+    b, _, f, h, w = noise.shape
+    kv = [KVCache.allocate(cfg, b, (h, w), device=student.device, dtype=student.dtype) for _ in range(steps)]
+    outputs = []
+    for k in range(f // fpb):
+        x = noise[:, :, k * fpb:(k + 1) * fpb]
+        frame_start = k * fpb
+        block_audio = audio[..., 4 * frame_start: 4 * (frame_start + fpb)]
+        out = None
+        for i in range(steps):
+            t = torch.full((b,), scheduler.timestep(i), dtype=torch.float32)
+            ref_time = student.sink_ref_time(frame_start, draw_sink_lead(lead_seed, frame_start, i, cfg))
+            with torch.set_grad_enabled(i == exit_step):
+                v = student.forward_block(x, t, block_audio, text_emb, kv[i], sink, frame_start=frame_start,
+                                          ref_time=ref_time)
+            if i == exit_step:
+                out = x - scheduler.sigmas[i] * v                                  # x0 prediction, with grad
+            x = scheduler.step(x, v.detach(), i)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2)
+
+
+@dataclass
+class SelfForcingDMDStage:
+    """One generator step (DMD) and ``critic_steps`` critic steps (flow matching on student samples)."""
+
+    student: CausalWanS2V
+    teacher: CausalWanS2V
+    critic: CausalWanS2V
+    audio: Wav2VecAudioEncoder
+    data: LatentDataset
+    contexts: Tensor
+    student_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+    scheduler: FlowMatchScheduler
+    batch: int
+    shift: float
+    guidance: float = 1.5           # audio CFG of the real score (1 = none)
+    critic_steps: int = 1
+    sigma_range: tuple[float, float] = (0.02, 0.98)
+
+    def _scores(self, x_t: Tensor, sigma: Tensor, audio: Tensor, b: DiTBatch, ref_times: list[int]
+                ) -> tuple[Tensor, Tensor]:
+        """x0 predictions of the real (teacher, audio-guided) and fake (critic) scores, no grad."""
+        s = sigma.view(-1, 1, 1, 1, 1)
+        with torch.no_grad():
+            def x0_of(dit: CausalWanS2V, feats: Tensor) -> Tensor:
+                text_emb = dit.embed_text(b.context)
+                sink = make_sink(dit, b.ref, b.motion, text_emb, grad=False)
+                v = dit.forward_full(x_t, sigma * 1000.0, feats, text_emb, sink, ref_time=ref_times, causal=False)
+                return x_t - s * v
+            real = x0_of(self.teacher, audio)
+            if self.guidance != 1.0:
+                uncond = x0_of(self.teacher, torch.zeros_like(audio))
+                real = uncond + self.guidance * (real - uncond)
+            fake = x0_of(self.critic, audio)
+        return real, fake
+
+    def __call__(self, step: int, gen: torch.Generator) -> dict[str, float]:
+        b = draw_batch(self.data, self.contexts, self.batch, gen)
+        cfg = self.student.config
+        n_blocks = b.x0.shape[2] // cfg.frames_per_block
+        with torch.no_grad():
+            audio = audio_features(self.audio, b.pcm)                             # [B, L, C, 4F]
+        ref_times = block_ref_times(self.student, 0, n_blocks, step, 0)
+        # 1. student rollout with gradients through one denoising step
+        exit_step = int(torch.randint(0, self.scheduler.num_steps, (1,), generator=gen))
+        text_emb = self.student.embed_text(b.context)
+        sink = make_sink(self.student, b.ref, b.motion, text_emb, grad=True)
+        noise = torch.randn(b.x0.shape, generator=gen)
+        x_gen = rollout(self.student, self.scheduler, audio, text_emb, sink, noise, exit_step, lead_seed=step)
+        # 2. DMD: diffuse the sample, compare the real and fake x0 predictions
+        sigma = sample_sigma(x_gen.shape[0], self.shift, gen, *self.sigma_range)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        eps = torch.randn(x_gen.shape, generator=gen)
+        x_t = (1.0 - s) * x_gen.detach() + s * eps
+        real, fake = self._scores(x_t, sigma, audio, b, ref_times)
+        norm = (x_gen.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
+        grad = (fake - real) / norm
+        target = (x_gen - grad).detach()
+        g_loss = 0.5 * F.mse_loss(x_gen, target)
+        self.student_opt.zero_grad(set_to_none=True)
+        g_loss.backward()
+        g_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.student_opt.step()
+        # 3. critic: flow matching on the (detached) student samples
+        c_loss = torch.zeros(())
+        for _ in range(self.critic_steps):
+            sig = sample_sigma(x_gen.shape[0], self.shift, gen)
+            nz = torch.randn(x_gen.shape, generator=gen)
+            c_loss = flow_matching_loss(self.critic, x_gen.detach(), audio, b.context, b.ref, b.motion, sig, nz, 0,
+                                        ref_times, causal=False)
+            self.critic_opt.zero_grad(set_to_none=True)
+            c_loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)
+            self.critic_opt.step()
+        with torch.no_grad():
+            dmd_gap = (fake - real).square().mean()
+        return {"g_loss": g_loss.item(), "critic_loss": c_loss.item(), "dmd_gap": dmd_gap.item(),
+                "g_grad_norm": float(g_norm), "exit_step": float(exit_step)}
+
