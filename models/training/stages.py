@@ -38,6 +38,17 @@ from models.vae import WanVAE
 # ---------------------------------------------------------------------------------------------
 
 
+def reconstruction_losses(recon: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """MSE, L1, and L1 of frame differences (the moving parts: mouth, eyes; 0 for single frames)
+    between ``recon`` and ``x`` [B, 3, T, H, W]."""
+    mse = (recon - x).square().mean()
+    l1 = (recon - x).abs().mean()
+    motion = torch.zeros(())
+    if x.shape[2] > 1:
+        motion = ((recon[:, :, 1:] - recon[:, :, :-1]) - (x[:, :, 1:] - x[:, :, :-1])).abs().mean()
+    return mse, l1, motion
+
+
 @dataclass
 class VAEStage:
     """One step of the VAE as a plain autoencoder with latent noise.
@@ -86,11 +97,7 @@ class VAEStage:
         # 2. decode the raw latent (no normalisation: the stats are fitted after training)
         recon = vae.decoder(vae.conv2(z))                                        # [B, 3, T, H, W]
         # 3. losses
-        mse = (recon - x).square().mean()
-        l1 = (recon - x).abs().mean()
-        motion = torch.zeros(())
-        if x.shape[2] > 1:
-            motion = ((recon[:, :, 1:] - recon[:, :, :-1]) - (x[:, :, 1:] - x[:, :, :-1])).abs().mean()
+        mse, l1, motion = reconstruction_losses(recon, x)
         loss = mse if warmup else mse + 0.1 * l1 + self.motion_weight * motion
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,9 +132,7 @@ class DecoderStage:
             mu = vae.conv1(vae.encoder(x))[:, :vae.config.z_dim]
         z = mu + self.latent_noise * mu.std() * torch.randn(mu.shape, generator=gen)
         recon = vae.decoder(vae.conv2(z))
-        mse = (recon - x).square().mean()
-        l1 = (recon - x).abs().mean()
-        motion = ((recon[:, :, 1:] - recon[:, :, :-1]) - (x[:, :, 1:] - x[:, :, :-1])).abs().mean()
+        mse, l1, motion = reconstruction_losses(recon, x)
         loss = mse + 0.1 * l1 + self.motion_weight * motion
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -336,16 +341,22 @@ class SelfForcingDMDStage:
         """x0 predictions of the real (teacher, audio-guided) and fake (critic) scores, no grad."""
         s = sigma.view(-1, 1, 1, 1, 1)
         with torch.no_grad():
-            def x0_of(dit: CausalWanS2V, feats: Tensor) -> Tensor:
+            def x0_fn(dit: CausalWanS2V):
+                """The network's x0 prediction as a function of the audio (text and sink computed once)."""
                 text_emb = dit.embed_text(b.context)
                 sink = make_sink(dit, b.ref, b.motion, text_emb, grad=False)
-                v = dit.forward_full(x_t, sigma * 1000.0, feats, text_emb, sink, ref_time=ref_times, causal=False)
-                return x_t - s * v
-            real = x0_of(self.teacher, audio)
+
+                def x0(feats: Tensor) -> Tensor:
+                    v = dit.forward_full(x_t, sigma * 1000.0, feats, text_emb, sink, ref_time=ref_times,
+                                         causal=False)
+                    return x_t - s * v
+                return x0
+            teacher = x0_fn(self.teacher)
+            real = teacher(audio)
             if self.guidance != 1.0:
-                uncond = x0_of(self.teacher, torch.zeros_like(audio))
+                uncond = teacher(torch.zeros_like(audio))
                 real = uncond + self.guidance * (real - uncond)
-            fake = x0_of(self.critic, audio)
+            fake = x0_fn(self.critic)(audio)
         return real, fake
 
     def __call__(self, step: int, gen: torch.Generator) -> dict[str, float]:
