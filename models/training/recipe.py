@@ -43,10 +43,10 @@ from models.training.data import (
 )
 from models.training.loop import StageResult, run_stage
 from models.training.stages import (
-    DecoderStage,
     FlowMatchingStage,
     SelfForcingDMDStage,
     VAEStage,
+    VAEStreamStage,
     fit_latent_stats,
 )
 from models.vae import WanVAE
@@ -72,6 +72,13 @@ class TrainConfig:
     vae_long_frames: int = 9           # ... and from step vae_long_from on (two chunks: the streaming state)
     vae_long_from: int = 2400
     vae_lr: float = 2e-3
+    # 1b. the VAE in the streaming steady state (long cache-filling prefixes, truncated backprop)
+    vae_stream_steps: int = 1500
+    vae_stream_batch: int = 4
+    vae_stream_chunks: int = 2         # 4-frame chunks graded per step
+    vae_stream_prefix: int = 12        # prefix of 0..N chunks (48 frames: past the caches' effective reach)
+    vae_stream_crop: int = 32          # random crops keep the long clips cheap
+    vae_stream_lr: float = 5e-4
     stats_clips: int = 64              # clips for the latent mean/std fit
     # latent dataset
     latent_clips: int = 640
@@ -95,19 +102,15 @@ class TrainConfig:
     student_lr: float = 5e-5
     critic_lr: float = 2e-4
     guidance: float = 1.5
-    # 4. decoder fine-tune on long clips (encoder frozen: the DiT's latents are unchanged)
-    decoder_steps: int = 400
-    decoder_frames: int = 17           # five 4-frame chunks: the streaming steady state
-    decoder_batch: int = 2
-    decoder_lr: float = 1e-3
     save_every: int = 100
 
     @classmethod
     def quick(cls) -> TrainConfig:
         """A few steps of everything on a handful of clips (tests, smoke runs)."""
-        return cls(num_identities=12, train_identities=8, num_synth_speech=2, vae_steps=4, vae_batch=1, vae_long_from=2,
+        return cls(num_identities=12, train_identities=8, num_synth_speech=2, vae_steps=4, vae_batch=1, vae_long_from=2, vae_stream_steps=2,
+                   vae_stream_batch=1, vae_stream_prefix=2, vae_stream_crop=16,
                    stats_clips=4, latent_clips=4, dit_identities=4, teacher_steps=3, teacher_batch=2, causal_steps=2, dmd_steps=2,
-                   dmd_batch=2, decoder_steps=2, decoder_frames=9, decoder_batch=1, save_every=2)
+                   dmd_batch=2, save_every=2)
 
     def model_config(self) -> LiveAvatarConfig:
         """The bundle trained here: the tiny architecture with a wider DiT."""
@@ -183,6 +186,14 @@ def train_all(cfg: TrainConfig, out_dir: str | Path, examples_dir: str | Path | 
     results["vae"] = run_stage("vae", cfg.vae_steps, vae_stage,
                                {"vae": vae}, {"opt": vae_opt}, out, seed=cfg.seed + 1, save_every=cfg.save_every,
                                progress=progress)
+    stream_frames = 1 + mcfg.vae.stride[0] * (cfg.vae_stream_prefix + cfg.vae_stream_chunks)
+    stream_data = syn.SyntheticDataset(speech, train_ids, stream_frames, seed=cfg.seed + 14, size=cfg.size)
+    stream_opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_stream_lr)
+    stream_stage = VAEStreamStage(vae, stream_data, stream_opt, cfg.vae_stream_batch, chunks=cfg.vae_stream_chunks,
+                                  max_prefix=cfg.vae_stream_prefix, crop=cfg.vae_stream_crop)
+    results["vae_stream"] = run_stage("vae_stream", cfg.vae_stream_steps, stream_stage, {"vae": vae},
+                                      {"opt": stream_opt}, out, seed=cfg.seed + 5, save_every=cfg.save_every,
+                                      progress=progress)
     mean, std = fit_latent_stats(vae, vae_data, cfg.stats_clips)
     vae_cfg = dataclasses.replace(mcfg.vae, latents_mean=tuple(mean), latents_std=tuple(std))
     mcfg = dataclasses.replace(mcfg, vae=vae_cfg)
@@ -235,15 +246,7 @@ def train_all(cfg: TrainConfig, out_dir: str | Path, examples_dir: str | Path | 
                                {"g_opt": g_opt, "c_opt": c_opt}, out, seed=cfg.seed + 4,
                                save_every=cfg.save_every, progress=progress)
 
-    # 4. the decoder on long clips (the streaming steady state); the encoder stays as the DiT saw it
-    dec_data = syn.SyntheticDataset(speech, train_ids, cfg.decoder_frames, seed=cfg.seed + 14, size=cfg.size)
-    dec_opt = torch.optim.Adam(list(vae.decoder.parameters()) + list(vae.conv2.parameters()), lr=cfg.decoder_lr)
-    results["decoder"] = run_stage("decoder", cfg.decoder_steps,
-                                   DecoderStage(vae, dec_data, dec_opt, cfg.decoder_batch),
-                                   {"vae": vae}, {"opt": dec_opt}, out, seed=cfg.seed + 5,
-                                   save_every=cfg.save_every, progress=progress)
-
-    # 5. the checkpoint: student + VAE + audio encoder + (random) text encoder
+    # 4. the checkpoint: student + VAE + audio encoder + (random) text encoder
     student.eval()
     final = LiveAvatarModels(mcfg, student, vae.eval(), audio, models.text, random_weights=False)
     ckpt = save_checkpoint(final, checkpoint_dir or out / "checkpoint")

@@ -1,6 +1,8 @@
 """The three training stages, each one ``step_fn`` for :func:`models.training.loop.run_stage`.
 
-1. :class:`VAEStage`: the tiny Wan VAE on rendered clips (L1 + frame-difference L1 + a small KL).
+1. :class:`VAEStage`: the tiny Wan VAE as an autoencoder of rendered frames and short clips, then
+   :class:`VAEStreamStage`: the same VAE in the streaming steady state (long cache-filling prefixes,
+   truncated backprop through the causal caches).
 2. :class:`FlowMatchingStage`: a DiT trained with flow matching on cached latents, with audio
    injection and the reference + motion sink. ``causal=False`` is the bidirectional teacher (every
    noisy frame sees every other); ``causal=True`` is the block-causal warm start of the student.
@@ -107,39 +109,79 @@ class VAEStage:
 
 
 @dataclass
-class DecoderStage:
-    """Fine-tune the VAE decoder alone on long clips (the encoder, hence the DiT's latent space, is frozen).
+class VAEStreamStage:
+    """The VAE in the streaming steady state: truncated backprop through the causal caches.
 
-    Streaming decodes block after block, so the decoder runs in its steady state: every chunk has
-    a full 4-frame chunk before it in its caches. Short training clips (1 + 4 or 1 + 4 + 4 frames)
-    never show that state and the colours drift after the second chunk; clips of ``dataset.num_frames``
-    (e.g. 17 = five chunks) do. One-shot decoding equals streaming decoding bit for bit (the VAE
-    tests), so the long clip is decoded in one call.
+    Streaming encodes and decodes chunk after chunk for hours, so every layer's temporal cache
+    holds real history. Clips of a few chunks never show that state: a VAE trained on them drifts
+    from about the sixth chunk on (the colours invert). Each step here:
+
+    1. draws ``batch`` clips, a prefix length ``p`` in ``[0, max_prefix]`` chunks (4 frames each)
+       and a random ``crop`` x ``crop`` window (the temporal behaviour is what is learnt; crops make
+       long clips cheap);
+    2. without gradients, encodes the first ``1 + 4p`` frames and decodes their (noised) latents,
+       which fills the encoder's and the decoder's caches exactly as streaming does;
+    3. with gradients, encodes and decodes the next ``chunks`` chunks through those caches, and takes
+       the reconstruction loss on them alone (for ``p = 0`` this is an ordinary short clip).
+    ``dataset.num_frames`` must be at least ``1 + 4 * (max_prefix + chunks)``.
     """
 
     vae: WanVAE
     dataset: syn.SyntheticDataset
     optimizer: torch.optim.Optimizer
     batch: int
+    chunks: int = 2
+    max_prefix: int = 12
+    crop: int = 32
     latent_noise: float = 0.05
     motion_weight: float = 1.0
 
+    def __post_init__(self) -> None:
+        st = self.vae.config.stride[0]
+        if self.dataset.num_frames < 1 + st * (self.max_prefix + self.chunks):
+            raise ValueError(f"VAEStreamStage: clips of {self.dataset.num_frames} frames are shorter than "
+                             f"1 + {st} * (max_prefix + chunks) = {1 + st * (self.max_prefix + self.chunks)}")
+        if self.crop % self.vae.config.stride[1] or not 0 < self.crop <= self.dataset.size:
+            raise ValueError(f"VAEStreamStage: crop {self.crop} must be a multiple of {self.vae.config.stride[1]} "
+                             f"in (0, {self.dataset.size}]")
+
+    def _noised(self, mu: Tensor, gen: torch.Generator) -> Tensor:
+        return mu + self.latent_noise * mu.detach().std() * torch.randn(mu.shape, generator=gen)
+
+    def reconstruct(self, x: Tensor, prefix: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Steps 2-3 for a clip ``x`` [B, 3, 1 + 4(prefix + chunks), H, W]: (reconstruction, target) of
+        the frames after the first ``prefix`` chunks, both [B, 3, T', H, W]."""
+        vae, st, z_dim = self.vae, self.vae.config.stride[0], self.vae.config.z_dim
+        enc_caches: list = [None] * vae.num_encoder_caches
+        dec_caches: list = [None] * vae.num_decoder_caches
+        split = 1 + st * prefix if prefix else 0
+        # 2. fill the caches with the prefix
+        if prefix:
+            with torch.no_grad():
+                mu = vae.conv1(vae.encoder(x[:, :, :split], enc_caches, True))[:, :z_dim]
+                vae.decoder(vae.conv2(self._noised(mu, gen)), dec_caches, True)
+        # 3. the graded chunks, through the filled caches
+        target = x[:, :, split:]
+        mu = vae.conv1(vae.encoder(target, enc_caches, prefix == 0))[:, :z_dim]
+        return vae.decoder(vae.conv2(self._noised(mu, gen)), dec_caches, prefix == 0), target
+
     def __call__(self, step: int, gen: torch.Generator) -> dict[str, float]:
+        st = self.vae.config.stride[0]
+        # 1. clips, prefix length, crop windows                                      [B, 3, T, c, c]
         idx = torch.randint(0, len(self.dataset), (self.batch,), generator=gen).tolist()
-        x = to_pixels(np.stack([self.dataset[i].frames for i in idx]))           # [B, 3, T, H, W]
-        vae = self.vae
-        with torch.no_grad():                                                    # frozen encoder
-            mu = vae.conv1(vae.encoder(x))[:, :vae.config.z_dim]
-        z = mu + self.latent_noise * mu.std() * torch.randn(mu.shape, generator=gen)
-        recon = vae.decoder(vae.conv2(z))
-        mse, l1, motion = reconstruction_losses(recon, x)
+        prefix = int(torch.randint(0, self.max_prefix + 1, (1,), generator=gen))
+        frames = 1 + st * (prefix + self.chunks)
+        corners = torch.randint(0, self.dataset.size - self.crop + 1, (self.batch, 2), generator=gen).tolist()
+        x = to_pixels(np.stack([self.dataset[i].frames[:frames, r:r + self.crop, c:c + self.crop]
+                                for i, (r, c) in zip(idx, corners, strict=True)]))
+        recon, target = self.reconstruct(x, prefix, gen)
+        mse, l1, motion = reconstruction_losses(recon, target)
         loss = mse + 0.1 * l1 + self.motion_weight * motion
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        tail = (recon[:, :, -4:] - x[:, :, -4:]).abs().mean()                      # the last chunk's error
         return {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "motion": motion.item(),
-                "last_chunk_l1": tail.item()}
+                "prefix": float(prefix)}
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ def test_quick_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, share
     r = _train(out, shared_examples)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout[r.stdout.index("{"):])
-    assert set(summary["stages"]) == {"vae", "teacher", "causal", "dmd", "decoder"}
+    assert set(summary["stages"]) == {"vae", "vae_stream", "teacher", "causal", "dmd"}
     assert all(s["resumed_from"] == 0 for s in summary["stages"].values())
     ckpt = out / "checkpoint"
     models = build_models(LiveAvatarConfig.load(ckpt), checkpoint=ckpt)

@@ -23,6 +23,7 @@ from models.training.stages import (
     FlowMatchingStage,
     SelfForcingDMDStage,
     VAEStage,
+    VAEStreamStage,
     audio_features,
     block_ref_times,
     draw_batch,
@@ -81,6 +82,48 @@ def test_vae_stage_reconstruction_improves():
     assert [m["images"] for m in metrics[28:32]] == [1.0, 1.0, 1.0, 0.0]          # warm-up, then alternating
     assert metrics[31]["motion"] > 0.0                                              # clip steps see motion
     assert recon_l1() < 0.9 * before
+
+
+def test_vae_stream_stage_reconstructs_through_the_streaming_caches():
+    """The graded chunks after a prefix equal the same frames of one-shot encode + decode of the whole clip
+    (without latent noise): the stage trains exactly the state that streaming runs in."""
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig.tiny()).eval()
+    data = syn.SyntheticDataset(_speech(), [5], num_frames=1 + 4 * 5, seed=1, epoch_size=1)
+    stage = VAEStreamStage(vae, data, torch.optim.Adam(vae.parameters()), batch=1, chunks=2, max_prefix=3,
+                           crop=16, latent_noise=0.0)
+    x = to_pixels(data[0].frames[:, 8:24, 16:32])                                   # [1, 3, 21, 16, 16]
+    with torch.no_grad():
+        full = vae.decoder(vae.conv2(vae.conv1(vae.encoder(x))[:, :vae.config.z_dim]))
+        for prefix in (0, 3):
+            clip = x[:, :, :1 + 4 * (prefix + 2)]
+            recon, target = stage.reconstruct(clip, prefix, torch.Generator().manual_seed(0))
+            start = 1 + 4 * prefix if prefix else 0
+            assert torch.equal(target, clip[:, :, start:])
+            torch.testing.assert_close(recon, full[:, :, start:clip.shape[2]], rtol=1e-4, atol=1e-5)
+
+
+def test_vae_stream_stage_loss_decreases_and_checks_its_clips():
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig.tiny())
+    data = syn.SyntheticDataset(_speech(), [5], num_frames=1 + 4 * 3, seed=1, epoch_size=1)   # one clip
+    stage = VAEStreamStage(vae, data, torch.optim.Adam(vae.parameters(), lr=2e-3), batch=1, chunks=1,
+                           max_prefix=2, crop=16, latent_noise=0.0)
+    x = to_pixels(data[0].frames[:, 24:40, 24:40])
+
+    def stream_l1() -> float:      # the last chunk after a 2-chunk prefix (fixed crop, no noise)
+        with torch.no_grad():
+            recon, target = stage.reconstruct(x, 2, torch.Generator())
+            return (recon - target).abs().mean().item()
+
+    before = stream_l1()
+    metrics = [stage(step, torch.Generator().manual_seed(step)) for step in range(40)]
+    assert {m["prefix"] for m in metrics} == {0.0, 1.0, 2.0}
+    assert stream_l1() < 0.9 * before
+    with pytest.raises(ValueError, match="shorter than"):
+        VAEStreamStage(vae, data, stage.optimizer, batch=1, chunks=2, max_prefix=2)
+    with pytest.raises(ValueError, match="crop 12"):
+        VAEStreamStage(vae, data, stage.optimizer, batch=1, chunks=1, max_prefix=2, crop=12)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["teacher", "causal-student"])
