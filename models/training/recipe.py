@@ -48,6 +48,7 @@ from models.training.stages import (
     VAEStage,
     VAEStreamStage,
     fit_latent_stats,
+    he_init_,
 )
 from models.vae import WanVAE
 
@@ -66,19 +67,19 @@ class TrainConfig:
     train_identities: int = 800        # identities [0, 800) train; [800, 1000) are held out for eval
     num_synth_speech: int = 200        # espeak-ng utterances (plus the real example speech)
     # 1. VAE
-    vae_steps: int = 3200
+    vae_steps: int = 1200
     vae_batch: int = 2                 # clips per clip step (image steps take 8 single frames)
     vae_frames: int = 5                # 1 + 4k frames per clip
-    vae_long_frames: int = 9           # ... and from step vae_long_from on (two chunks: the streaming state)
-    vae_long_from: int = 2400
+    vae_long_frames: int = 9           # ... and from step vae_long_from on (two chunks)
+    vae_long_from: int = 900
     vae_lr: float = 2e-3
     # 1b. the VAE in the streaming steady state (long cache-filling prefixes, truncated backprop)
-    vae_stream_steps: int = 1500
+    vae_stream_steps: int = 1200
     vae_stream_batch: int = 4
     vae_stream_chunks: int = 2         # 4-frame chunks graded per step
     vae_stream_prefix: int = 12        # prefix of 0..N chunks (48 frames: past the caches' effective reach)
     vae_stream_crop: int = 32          # random crops keep the long clips cheap
-    vae_stream_lr: float = 5e-4
+    vae_stream_lr: float = 1e-3
     stats_clips: int = 64              # clips for the latent mean/std fit
     # latent dataset
     latent_clips: int = 640
@@ -175,10 +176,9 @@ def train_all(cfg: TrainConfig, out_dir: str | Path, examples_dir: str | Path | 
     speech = corpus.train_clips()
     results: dict[str, StageResult] = {}
 
-    # 1. VAE (PyTorch's default fan-in init: the N(0, 0.02) init of random test weights is too small for a
-    #    deep conv net to train from), then the latent statistics that normalise its latents for the DiT
+    # 1. VAE (He init: see he_init_), then the latent statistics that normalise its latents for the DiT
     torch.manual_seed(cfg.seed)
-    vae = WanVAE(mcfg.vae).train()
+    vae = he_init_(WanVAE(mcfg.vae)).train()
     vae_data = syn.SyntheticDataset(speech, train_ids, cfg.vae_frames, seed=cfg.seed + 11, size=cfg.size)
     vae_opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     long_data = syn.SyntheticDataset(speech, train_ids, cfg.vae_long_frames, seed=cfg.seed + 13, size=cfg.size)

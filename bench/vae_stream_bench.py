@@ -1,0 +1,87 @@
+"""Does the VAE hold up in the streaming steady state? Reconstruction error per 4-frame chunk (issue 8).
+
+    python bench/vae_stream_bench.py                                  # the shipped checkpoint's VAE
+    python bench/vae_stream_bench.py --state runs/train/vae/state.pt  # a training-stage state instead
+
+Streaming encodes and decodes chunk after chunk for hours, so every temporal cache of the causal VAE
+holds real history. A VAE that only saw short clips drifts once its caches fill (the v1 checkpoint:
+the colours invert from about the sixth chunk). This bench encodes and decodes, in one causal pass
+(equal to streaming, tested in tests/unit/models/test_vae.py), ``--frames`` frames of held-out
+identities speaking held-out speech, and a static reference repeated for as long (what the sink's
+motion latents are made of), and prints the mean L1 error (pixels in [-1, 1]) of every 4th chunk.
+Seeded random weights give the floor. Writes ``--out`` (JSON) when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.checkpoints import SHIPPED_CHECKPOINT  # noqa: E402
+from models.liveavatar import LiveAvatarConfig, build_models  # noqa: E402
+from models.training import synthetic as syn  # noqa: E402
+from models.training.data import to_pixels  # noqa: E402
+from models.training.speech import SpeechCorpus  # noqa: E402
+from models.vae import WanVAE  # noqa: E402
+
+HELD_OUT_IDS = (905, 812)
+
+
+@torch.no_grad()
+def chunk_errors(vae: WanVAE, x: torch.Tensor) -> list[float]:
+    """Mean L1 of frame 0, then of each 4-frame chunk, for video ``x`` [B, 3, 1 + 4k, H, W]."""
+    z_dim, st = vae.config.z_dim, vae.config.stride[0]
+    mu = vae.conv1(vae.encoder(x))[:, :z_dim]                      # raw posterior mean
+    recon = vae.decoder(vae.conv2(mu)).clamp(-1.0, 1.0)            # [B, 3, T, H, W]
+    err = (recon - x).abs().mean(dim=(0, 1, 3, 4))                 # [T]
+    return [err[0].item()] + [err[1 + st * k:1 + st * (k + 1)].mean().item() for k in range((x.shape[2] - 1) // st)]
+
+
+def clips(frames: int, examples: Path, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out talking clips and the same identities' static references: 2 x [2, 3, frames, 64, 64]."""
+    speech = SpeechCorpus(cache, examples).eval_clips()
+    data = syn.SyntheticDataset(speech, list(HELD_OUT_IDS), frames, seed=5)
+    talking = np.stack([data[i].frames for i in range(len(HELD_OUT_IDS))])
+    static = np.stack([np.repeat(data[i].frames[:1], frames, axis=0) for i in range(len(HELD_OUT_IDS))])
+    return to_pixels(talking), to_pixels(static)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--state", default=None, help="a training stage's state.pt holding a 'vae' module")
+    p.add_argument("--frames", type=int, default=161, help="1 + 4k frames (default 161 = 6.4 s, 40 chunks)")
+    p.add_argument("--examples", default=str(ROOT.parent / "shared" / "examples"))
+    p.add_argument("--cache", default=str(ROOT / "runs" / "speech-cache"), help="espeak-ng speech cache")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="write the numbers as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = LiveAvatarConfig.load("tiny-trained")
+    shipped = build_models(cfg, checkpoint=SHIPPED_CHECKPOINT).vae.eval()
+    if args.state:
+        shipped.load_state_dict(torch.load(args.state, weights_only=False)["modules"]["vae"])
+    torch.manual_seed(0)
+    random = WanVAE(cfg.vae).eval()                                # PyTorch default init: the floor
+    talking, static = clips(args.frames, Path(args.examples), Path(args.cache))
+    result = {"frames": args.frames, "state": args.state,
+              "trained": {"talking": chunk_errors(shipped, talking), "static": chunk_errors(shipped, static)},
+              "random": {"talking": chunk_errors(random, talking), "static": chunk_errors(random, static)}}
+    for name, rows in (("trained", result["trained"]), ("random", result["random"])):
+        for kind, errs in rows.items():
+            print(f"{name:8s} {kind:8s} frame0 {errs[0]:.3f} | chunks 1,5,9,...: "
+                  + " ".join(f"{e:.3f}" for e in errs[1::4]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
