@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,13 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid."""
+
+
+def unknown_fields(klass: type, keys: Iterable[Any], comments: bool = False) -> list[str]:
+    """The sorted ``keys`` that are not fields of dataclass ``klass``; every config ``from_dict`` uses it.
+    With ``comments=True`` keys starting with "_" (the official ``config.json``'s metadata) are skipped."""
+    names = {f.name for f in dataclasses.fields(klass)}
+    return sorted(str(k) for k in keys if k not in names and not (comments and str(k).startswith("_")))
 
 
 class ModelInputError(ValueError):
@@ -219,8 +226,7 @@ class DiTConfig:
                 raise ConfigError(f"cannot read DiT config {path}: {exc}") from exc
             if not isinstance(data, dict):
                 raise ConfigError(f"DiT config {path} must hold a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in data if not str(k).startswith("_") and k not in names)
+        unknown = unknown_fields(cls, data, comments=True)
         if unknown:
             raise ConfigError(f"unknown DiT config key(s): {', '.join(unknown)}")
         kwargs = {k: (tuple(v) if isinstance(v, list) else v)

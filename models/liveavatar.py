@@ -42,7 +42,7 @@ from models.checkpoint import (
     merge_lora,
 )
 from models.checkpoints import SHIPPED_CHECKPOINT, SHIPPED_SPEC
-from models.config import ConfigError, DiTConfig
+from models.config import ConfigError, DiTConfig, unknown_fields
 from models.dit import CausalWanS2V
 from models.scheduler import SchedulerConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
@@ -103,8 +103,7 @@ class LiveAvatarConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LiveAvatarConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
+        unknown = unknown_fields(cls, raw)
         if unknown:
             raise ConfigError(f"unknown keys in {BUNDLE_CONFIG_FILE}: {unknown}")
         kw: dict[str, Any] = {k: raw[k] for k in ("area", "size_multiple", "fps") if k in raw}
@@ -154,8 +153,7 @@ def default_checkpoint(spec: str | Path, checkpoint: str | Path | None = None) -
 
 
 def _dataclass_from_dict(klass, raw: dict[str, Any], what: str):
-    known = {f.name for f in dataclasses.fields(klass)}
-    unknown = sorted(set(raw) - known)
+    unknown = unknown_fields(klass, raw)
     if unknown:
         raise ConfigError(f"unknown keys in the {what} config: {unknown}")
     return klass(**raw)

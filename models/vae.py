@@ -32,13 +32,13 @@ cast back.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from models.config import unknown_fields
 from models.vae_blocks import (
     AttentionBlock,
     Caches,
@@ -113,8 +113,7 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> VAEConfig:
         """Build from a config mapping; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = unknown_fields(cls, values)
         if unknown:
             raise ValueError(f"VAEConfig: unknown config keys {unknown}")
         return cls(**values)

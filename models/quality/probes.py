@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.config import unknown_fields
 from models.quality.metrics import HEAD_DX, HEAD_DY, MOTION_COLUMNS, MOUTH, pearson
 
 PROBES_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "quality-probes"
@@ -128,8 +129,7 @@ class ProbeConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ProbeConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
+        unknown = unknown_fields(cls, raw)
         if unknown:
             raise ProbeError(f"unknown keys in the probe config: {unknown}")
         raw = dict(raw)
