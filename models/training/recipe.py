@@ -48,7 +48,7 @@ from models.training.stages import (
     VAEStage,
     VAEStreamStage,
     fit_latent_stats,
-    he_init_,
+    inflated_init_,
 )
 from models.vae import WanVAE
 
@@ -176,9 +176,9 @@ def train_all(cfg: TrainConfig, out_dir: str | Path, examples_dir: str | Path | 
     speech = corpus.train_clips()
     results: dict[str, StageResult] = {}
 
-    # 1. VAE (He init: see he_init_), then the latent statistics that normalise its latents for the DiT
+    # 1. VAE (He init: see inflated_init_), then the latent statistics that normalise its latents for the DiT
     torch.manual_seed(cfg.seed)
-    vae = he_init_(WanVAE(mcfg.vae)).train()
+    vae = inflated_init_(WanVAE(mcfg.vae)).train()
     vae_data = syn.SyntheticDataset(speech, train_ids, cfg.vae_frames, seed=cfg.seed + 11, size=cfg.size)
     vae_opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     long_data = syn.SyntheticDataset(speech, train_ids, cfg.vae_long_frames, seed=cfg.seed + 13, size=cfg.size)

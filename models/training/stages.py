@@ -51,19 +51,38 @@ def reconstruction_losses(recon: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Ten
     return mse, l1, motion
 
 
-def he_init_(vae: WanVAE) -> WanVAE:
-    """He (Kaiming normal, fan-in, ReLU gain) init of every convolution weight of ``vae``, in place.
+def inflated_init_(vae: WanVAE) -> WanVAE:
+    """Initialise ``vae`` as a frame-by-frame image autoencoder ("inflation"), in place.
 
-    The Wan VAE normalises every residual branch with a channel RMSNorm (no bias). At the tiny width
-    (8-32 channels) PyTorch's default conv init (std ``1/sqrt(3 fan_in)``) leaves the residual branches
-    too weak for the colour to survive those norms: the network cannot even fit 8 constant colours in
-    150 steps and sits on a grey plateau for ~1,500 steps on faces. He init (std ``sqrt(2/fan_in)``)
-    fits them at once (tests/unit/models/test_training_stages.py). The attention output projections stay
-    zero (each attention block starts as the identity), biases keep their default init.
+    1. Every convolution gets He init (Kaiming normal, ReLU gain, fan-in of the taps that see the
+       current frame). At the tiny width (8-32 channels) PyTorch's default conv init (3-6x smaller)
+       leaves the residual branches too weak for the colour to survive the VAE's channel RMSNorms:
+       the network cannot even fit 8 constant colours and sits on a grey plateau for ~1,500 steps.
+    2. Temporal taps that look into the past start at zero, so each causal 3x3x3 conv is a per-frame
+       3x3 conv; the temporal downsamplers start by keeping the latest frame of each pair, the
+       upsamplers by repeating each frame (identity weights).
+    So at step 0 a streamed chunk, whatever is in the caches, is coded like the single first frame,
+    and training a clip does not first wreck what image steps taught: the shared weights start
+    consistent and the past taps learn only the motion. (Without step 2, the first clip steps after
+    an image warm-up throw the image error from 0.15 back to 0.36; tests/unit/models/test_training_stages.py.)
+    The attention output projections stay zero (each attention block starts as the identity);
+    other biases keep their default init.
     """
-    for name, module in vae.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)) and not name.endswith(".proj"):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    with torch.no_grad():
+        for name, module in vae.named_modules():
+            if isinstance(module, nn.Conv2d) and not name.endswith(".proj"):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            elif isinstance(module, nn.Conv3d):
+                w = module.weight                                                  # [out, in, kt, kh, kw]
+                now = torch.empty_like(w[:, :, -1])
+                if name.endswith("time_conv"):                                     # (3,1,1) resampler
+                    out, inp = w.shape[:2]
+                    now = torch.eye(inp).repeat(out // inp, 1).view(out, inp, 1, 1)
+                    module.bias.zero_()                    # the first frame bypasses it: no offset
+                else:
+                    nn.init.kaiming_normal_(now, nonlinearity="relu")
+                w.zero_()
+                w[:, :, -1] = now
     return vae
 
 

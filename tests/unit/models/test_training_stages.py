@@ -28,7 +28,7 @@ from models.training.stages import (
     block_ref_times,
     draw_batch,
     flow_matching_loss,
-    he_init_,
+    inflated_init_,
     make_sink,
     rollout,
     sample_sigma,
@@ -85,9 +85,9 @@ def test_vae_stage_reconstruction_improves():
     assert recon_l1() < 0.9 * before
 
 
-def test_he_init_lets_the_tiny_vae_fit_colours_that_the_default_init_cannot():
+def test_inflated_init_lets_the_tiny_vae_fit_colours_that_the_default_init_cannot():
     """Eight constant colours, 100 Adam steps: with PyTorch's default conv init the tiny VAE's RMSNorms
-    wash the colour out (its outputs collapse to a couple of values); with he_init_ it fits them."""
+    wash the colour out (its outputs collapse to a couple of values); with inflated_init_ it fits them."""
     x = (torch.rand(8, 3, 1, 1, 1, generator=torch.Generator().manual_seed(0)) * 2 - 1).expand(8, 3, 1, 16, 16)
 
     def fit(init) -> float:
@@ -102,10 +102,26 @@ def test_he_init_lets_the_tiny_vae_fit_colours_that_the_default_init_cannot():
             opt.step()
         return loss.item()
 
-    he, default = fit(he_init_), fit(lambda vae: vae)
+    he, default = fit(inflated_init_), fit(lambda vae: vae)
     assert he < 0.02 and he < 0.2 * default, (he, default)
-    vae = he_init_(WanVAE(VAEConfig.tiny()))
+    vae = inflated_init_(WanVAE(VAEConfig.tiny()))
     assert all(torch.count_nonzero(block.proj.weight) == 0 for block in vae.modules() if hasattr(block, "to_qkv"))
+
+
+def test_inflated_init_codes_a_static_video_like_its_first_frame():
+    """At init the video VAE is the image VAE applied frame by frame: every latent of a still clip equals
+    the first frame's latent, and every decoded frame equals the first decoded frame."""
+    torch.manual_seed(0)
+    vae = inflated_init_(WanVAE(VAEConfig.tiny())).eval()
+    frame = syn.sample_clip(3, _speech(1.0)[0], 1, seed=0).frames                   # [1, 64, 64, 3]
+    still = to_pixels(np.repeat(frame, 17, axis=0))                                  # [1, 3, 17, 64, 64]
+    with torch.no_grad():
+        z = vae.encode(still)                                                         # [1, 16, 5, 8, 8]
+        torch.testing.assert_close(z, z[:, :, :1].expand_as(z), rtol=1e-5, atol=1e-5)
+        video = vae.decode(z)
+        torch.testing.assert_close(video, video[:, :, :1].expand_as(video), rtol=1e-5, atol=1e-5)
+        moving = to_pixels(syn.sample_clip(3, _speech(1.0)[0], 17, seed=0).frames)   # a real clip is not
+        assert not torch.allclose(vae.encode(moving)[:, :, 1:], z[:, :, 1:], atol=1e-3)
 
 
 def test_vae_stream_stage_reconstructs_through_the_streaming_caches():
