@@ -67,19 +67,20 @@ class TrainConfig:
     train_identities: int = 800        # identities [0, 800) train; [800, 1000) are held out for eval
     num_synth_speech: int = 200        # espeak-ng utterances (plus the real example speech)
     # 1. VAE
-    vae_steps: int = 1200
+    vae_steps: int = 1500
     vae_batch: int = 2                 # clips per clip step (image steps take 8 single frames)
     vae_frames: int = 5                # 1 + 4k frames per clip
     vae_long_frames: int = 9           # ... and from step vae_long_from on (two chunks)
-    vae_long_from: int = 900
-    vae_lr: float = 2e-3
+    vae_long_from: int = 1100
+    vae_lr: float = 2e-3               # during the 600 single-frame warm-up steps
+    vae_lr_clips: float = 5e-4         # after it
     # 1b. the VAE in the streaming steady state (long cache-filling prefixes, truncated backprop)
-    vae_stream_steps: int = 1200
+    vae_stream_steps: int = 800
     vae_stream_batch: int = 4
     vae_stream_chunks: int = 2         # 4-frame chunks graded per step
     vae_stream_prefix: int = 12        # prefix of 0..N chunks (48 frames: past the caches' effective reach)
     vae_stream_crop: int = 32          # random crops keep the long clips cheap
-    vae_stream_lr: float = 1e-3
+    vae_stream_lr: float = 2e-4
     stats_clips: int = 64              # clips for the latent mean/std fit
     # latent dataset
     latent_clips: int = 640
@@ -182,7 +183,8 @@ def train_all(cfg: TrainConfig, out_dir: str | Path, examples_dir: str | Path | 
     vae_data = syn.SyntheticDataset(speech, train_ids, cfg.vae_frames, seed=cfg.seed + 11, size=cfg.size)
     vae_opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     long_data = syn.SyntheticDataset(speech, train_ids, cfg.vae_long_frames, seed=cfg.seed + 13, size=cfg.size)
-    vae_stage = VAEStage(vae, vae_data, vae_opt, cfg.vae_batch, long_dataset=long_data, long_from=cfg.vae_long_from)
+    vae_stage = VAEStage(vae, vae_data, vae_opt, cfg.vae_batch, long_dataset=long_data, long_from=cfg.vae_long_from,
+                         lr_after_warmup=cfg.vae_lr_clips)
     results["vae"] = run_stage("vae", cfg.vae_steps, vae_stage,
                                {"vae": vae}, {"opt": vae_opt}, out, seed=cfg.seed + 1, save_every=cfg.save_every,
                                progress=progress)

@@ -78,8 +78,12 @@ def test_vae_stage_reconstruction_improves():
 
     before = recon_l1()
     stage = VAEStage(vae, data, torch.optim.Adam(vae.parameters(), lr=2e-3), batch=1, image_batch=2,
-                     image_steps=30)
-    metrics = [stage(step, torch.Generator().manual_seed(step)) for step in range(40)]
+                     image_steps=30, lr_after_warmup=5e-4)
+    metrics, lrs = [], []
+    for step in range(40):
+        metrics.append(stage(step, torch.Generator().manual_seed(step)))
+        lrs.append(stage.optimizer.param_groups[0]["lr"])
+    assert lrs[29] == 2e-3 and lrs[30] == 5e-4                                      # lowered after the warm-up
     assert [m["images"] for m in metrics[28:32]] == [1.0, 1.0, 1.0, 0.0]          # warm-up, then alternating
     assert metrics[31]["motion"] > 0.0                                              # clip steps see motion
     assert recon_l1() < 0.9 * before
