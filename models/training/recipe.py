@@ -10,8 +10,8 @@ Simplifications to fit 2 CPU cores (also listed in the README):
 
 - 64x64 video of procedural faces; the DiT is 4 layers of width 128 (1.3 M parameters), the VAE the
   width-8 tiny Wan VAE; clips are 4 blocks (1.92 s).
-- The audio encoder (tiny wav2vec2, no pre-training) is trained jointly with the teacher and then
-  frozen; the text encoder stays at its seeded random weights and prompts are drawn from a fixed
+- The audio encoder (tiny wav2vec2, no pre-training) stays at its seeded random weights unless
+  ``train_audio_encoder`` trains it with the teacher (the shipped v2 did not); the text encoder stays at its seeded random weights and prompts are drawn from a fixed
   list, so the DiT learns to ignore them.
 - The student starts from the teacher and gets a short block-causal flow-matching warm start before
   DMD (instead of CausVid's ODE-pair regression); the DMD critic takes one step per generator step.
@@ -95,6 +95,9 @@ class TrainConfig:
     teacher_steps: int = 2500
     teacher_batch: int = 8
     teacher_lr: float = 5e-4
+    # The shipped v2 checkpoint kept the audio encoder at its seeded random weights (the encoder is
+    # built frozen and the recipe did not unfreeze it); True trains it with the teacher (the next run).
+    train_audio_encoder: bool = False
     # 2b. causal warm start of the student
     causal_steps: int = 300
     causal_lr: float = 2e-4
@@ -222,7 +225,7 @@ def train_all(cfg: TrainConfig, out_dir: str | Path, examples_dir: str | Path | 
     results["teacher"] = run_stage(
         "teacher", cfg.teacher_steps,
         FlowMatchingStage(teacher, audio, latents, contexts, t_opt, cfg.teacher_batch, shift, causal=False,
-                          train_audio=True, seed=cfg.seed),
+                          train_audio=cfg.train_audio_encoder, seed=cfg.seed),
         {"dit": teacher, "audio": audio}, {"opt": t_opt}, out, seed=cfg.seed + 2, save_every=cfg.save_every,
         progress=progress)
     teacher.eval().requires_grad_(False)

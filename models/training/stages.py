@@ -340,6 +340,10 @@ class FlowMatchingStage:
     audio_dropout: float = 0.1
     max_frame_start: int = 192
 
+    def __post_init__(self) -> None:
+        # the encoder is built frozen (inference); training it needs its gradients back
+        self.audio.requires_grad_(self.train_audio)
+
     def __call__(self, step: int, gen: torch.Generator) -> dict[str, float]:
         b = draw_batch(self.data, self.contexts, self.batch, gen)
         fpb = self.dit.config.frames_per_block

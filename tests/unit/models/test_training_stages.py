@@ -192,9 +192,13 @@ def test_flow_matching_stage_loss_decreases(tiny_latents, causal):
     opt = adamw(list(dit.parameters()) + list(audio.parameters()), 2e-3)
     stage = FlowMatchingStage(dit, audio, tiny_latents, contexts, opt, batch=2, shift=3.0, causal=causal,
                               train_audio=not causal, seed=0, audio_dropout=0.0, max_frame_start=0)
+    audio_before = [p.detach().clone() for p in audio.parameters()]
     for step in range(30):
         stage(step, torch.Generator().manual_seed(step % 3))      # 3 fixed draws: a tiny batch
     assert eval_loss() < 0.8 * before
+    # the (built frozen) audio encoder trains exactly when train_audio is set
+    moved = any(not torch.equal(a, p) for a, p in zip(audio_before, audio.parameters(), strict=True))
+    assert moved == (not causal)
 
 
 def test_dmd_critic_learns_and_student_moves_toward_its_target(tiny_latents):
