@@ -9,7 +9,9 @@ the colours invert from about the sixth chunk). This bench encodes and decodes, 
 (equal to streaming, tested in tests/unit/models/test_vae.py), ``--frames`` frames of held-out
 identities speaking held-out speech, and a static reference repeated for as long (what the sink's
 motion latents are made of), and prints the mean L1 error (pixels in [-1, 1]) of every 4th chunk.
-Seeded random weights give the floor. Writes ``--out`` (JSON) when given.
+Seeded random weights give the floor. It then scores the round trip of the talking clips with the
+quality harness (``liveavatar eval``'s metrics): the ceiling that any DiT output decoded by this VAE
+can reach. Writes ``--out`` (JSON) when given.
 """
 
 from __future__ import annotations
@@ -45,13 +47,31 @@ def chunk_errors(vae: WanVAE, x: torch.Tensor) -> list[float]:
     return [err[0].item()] + [err[1 + st * k:1 + st * (k + 1)].mean().item() for k in range((x.shape[2] - 1) // st)]
 
 
-def clips(frames: int, examples: Path, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def clips(frames: int, examples: Path, cache: Path) -> tuple[torch.Tensor, torch.Tensor, syn.SyntheticDataset]:
     """Held-out talking clips and the same identities' static references: 2 x [2, 3, frames, 64, 64]."""
     speech = SpeechCorpus(cache, examples).eval_clips()
     data = syn.SyntheticDataset(speech, list(HELD_OUT_IDS), frames, seed=5)
     talking = np.stack([data[i].frames for i in range(len(HELD_OUT_IDS))])
     static = np.stack([np.repeat(data[i].frames[:1], frames, axis=0) for i in range(len(HELD_OUT_IDS))])
-    return to_pixels(talking), to_pixels(static)
+    return to_pixels(talking), to_pixels(static), data
+
+
+@torch.no_grad()
+def round_trip_quality(vae: WanVAE, talking: torch.Tensor, data: syn.SyntheticDataset) -> list[dict]:
+    """Quality-harness scores of each talking clip after an encode + decode round trip."""
+    from models.quality.probes import load_probes
+    from models.quality.report import evaluate
+    from models.training.data import to_uint8
+
+    probes, rows = load_probes(), []
+    mu = vae.conv1(vae.encoder(talking))[:, :vae.config.z_dim]
+    recon = vae.decoder(vae.conv2(mu)).clamp(-1.0, 1.0)
+    for i in range(talking.shape[0]):
+        clip, (_, pcm, _) = data[i], data.window(i)
+        r = evaluate(to_uint8(recon[i]), pcm, clip.reference, probes, gt_motion=clip.motion)
+        rows.append({"sync_corr": r.sync.correlation, "sync_offset": r.sync.offset_frames,
+                     "identity": r.identity.mean, "mouth_var_ratio": r.motion.mouth_var_ratio})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         shipped.load_state_dict(torch.load(args.state, weights_only=False)["modules"]["vae"])
     torch.manual_seed(0)
     random = WanVAE(cfg.vae).eval()                                # PyTorch default init: the floor
-    talking, static = clips(args.frames, Path(args.examples), Path(args.cache))
+    talking, static, data = clips(args.frames, Path(args.examples), Path(args.cache))
     result = {"frames": args.frames, "state": args.state,
               "trained": {"talking": chunk_errors(shipped, talking), "static": chunk_errors(shipped, static)},
               "random": {"talking": chunk_errors(random, talking), "static": chunk_errors(random, static)}}
@@ -78,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, errs in rows.items():
             print(f"{name:8s} {kind:8s} frame0 {errs[0]:.3f} | chunks 1,5,9,...: "
                   + " ".join(f"{e:.3f}" for e in errs[1::4]))
+    result["round_trip_quality"] = round_trip_quality(shipped, talking, data)
+    for row in result["round_trip_quality"]:
+        print("round trip: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
