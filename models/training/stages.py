@@ -64,7 +64,7 @@ def inflated_init_(vae: WanVAE) -> WanVAE:
     So at step 0 a streamed chunk, whatever is in the caches, is coded like the single first frame,
     and training a clip does not first wreck what image steps taught: the shared weights start
     consistent and the past taps learn only the motion. (Without step 2, the first clip steps after
-    an image warm-up throw the image error from 0.15 back to 0.36; tests/unit/models/test_training_stages.py.)
+    an image warm-up throw the image error from 0.15 back to 0.39: ``bench/vae_recipe_bench.py``.)
     The attention output projections stay zero (each attention block starts as the identity);
     other biases keep their default init.
     """
@@ -102,7 +102,7 @@ class VAEStage:
     ``lr_after_warmup`` lowers Adam's learning rate when the clip steps, the latent noise and the
     extra loss terms start: at the warm-up's rate that switch throws the image error from 0.10 back
     to 0.26 (the past temporal taps have no gradient history in Adam); at a quarter of it the error
-    keeps falling.
+    keeps falling (``bench/vae_recipe_bench.py``).
     The latent is the posterior mean plus Gaussian noise of ``latent_noise`` times its (detached)
     std, so the decoder tolerates the DiT's small errors; there is no KL term (a simplification:
     the latent scale is fixed afterwards by :func:`fit_latent_stats`).
