@@ -2,6 +2,7 @@
 
     python bench/vae_stream_bench.py                                  # the shipped checkpoint's VAE
     python bench/vae_stream_bench.py --state runs/train/vae/state.pt  # a training-stage state instead
+    python bench/vae_stream_bench.py --state runs/train/vae/state.pt --sheet out/vae.png   # + a picture
 
 Streaming encodes and decodes chunk after chunk for hours, so every temporal cache of the causal VAE
 holds real history. A VAE that only saw short clips drifts once its caches fill (the v1 checkpoint:
@@ -17,6 +18,7 @@ can reach. Writes ``--out`` (JSON) when given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -57,6 +59,29 @@ def clips(frames: int, examples: Path, cache: Path) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
+def round_trip(vae: WanVAE, x: torch.Tensor) -> torch.Tensor:
+    """Encode (posterior mean) and decode ``x`` [B, 3, T, H, W] in one causal pass, clamped to [-1, 1]."""
+    mu = vae.conv1(vae.encoder(x))[:, :vae.config.z_dim]
+    return vae.decoder(vae.conv2(mu)).clamp(-1.0, 1.0)
+
+
+def write_sheet(vae: WanVAE, talking: torch.Tensor, out_png: Path, every: int = 4, columns: int = 12) -> None:
+    """Every ``every``-th frame of each talking clip: ground truth above, round trip below (2x upscaled)."""
+    from PIL import Image
+
+    from models.training.data import to_uint8
+
+    recon = round_trip(vae, talking)
+    rows = []
+    for i in range(talking.shape[0]):
+        for video in (talking[i], recon[i]):
+            frames = to_uint8(video)[1::every][:columns]                     # [columns, H, W, 3]
+            rows.append(np.concatenate(list(frames), axis=1))
+    img = np.concatenate(rows, axis=0)
+    Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(out_png)
+
+
+@torch.no_grad()
 def round_trip_quality(vae: WanVAE, talking: torch.Tensor, data: syn.SyntheticDataset) -> list[dict]:
     """Quality-harness scores of each talking clip after an encode + decode round trip."""
     from models.quality.probes import load_probes
@@ -64,8 +89,7 @@ def round_trip_quality(vae: WanVAE, talking: torch.Tensor, data: syn.SyntheticDa
     from models.training.data import to_uint8
 
     probes, rows = load_probes(), []
-    mu = vae.conv1(vae.encoder(talking))[:, :vae.config.z_dim]
-    recon = vae.decoder(vae.conv2(mu)).clamp(-1.0, 1.0)
+    recon = round_trip(vae, talking)
     for i in range(talking.shape[0]):
         clip, (_, pcm, _) = data[i], data.window(i)
         r = evaluate(to_uint8(recon[i]), pcm, clip.reference, probes, gt_motion=clip.motion)
@@ -82,12 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=str(ROOT / "runs" / "speech-cache"), help="espeak-ng speech cache")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
+    p.add_argument("--sheet", default=None, help="write a PNG of ground-truth and round-trip frames here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = LiveAvatarConfig.load("tiny-trained")
     shipped = build_models(cfg, checkpoint=SHIPPED_CHECKPOINT).vae.eval()
-    if args.state:
-        shipped.load_state_dict(torch.load(args.state, weights_only=False)["modules"]["vae"])
+    if args.state:   # a training state, possibly of another width (TrainConfig.vae_dim)
+        state = torch.load(args.state, weights_only=False)["modules"]["vae"]
+        shipped = WanVAE(dataclasses.replace(cfg.vae, dim=state["encoder.conv1.weight"].shape[0])).eval()
+        shipped.load_state_dict(state)
     torch.manual_seed(0)
     random = WanVAE(cfg.vae).eval()                                # PyTorch default init: the floor
     talking, static, data = clips(args.frames, Path(args.examples), Path(args.cache))
@@ -103,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print("round trip: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.sheet:
+        write_sheet(shipped, talking, Path(args.sheet))
     return 0
 
 

@@ -765,6 +765,28 @@ def render_clip(face: FaceParams, motion: Motion, size: int = DEFAULT_SIZE) -> n
     return frames
 
 
+def mouth_mask(face: FaceParams, motion: Motion, size: int = DEFAULT_SIZE, margin: float = 1.5) -> np.ndarray:
+    """Where the mouth can be, per frame: float32 ``[T, size, size]``, 1 inside, 0 outside.
+
+    The box is that of the fully open mouth (:func:`_draw_mouth`'s bound: ``|x - mx| <= mouth_width
+    / 2``, ``mouth_y - lip <= y - cy <= mouth_y + MOUTH_OPEN_MAX + lip``), moved with the head's
+    offset in each frame and grown by ``margin`` pixels (anti-aliasing reaches one pixel past an edge,
+    plus half a pixel for the pixel-centre grid). It is ground truth for a loss that weights
+    the mouth (a few percent of the pixels) above the rest of the frame.
+    """
+    if not isinstance(motion, Motion):
+        raise SyntheticError(f"motion must be a Motion, got {type(motion).__name__}")
+    lay = _layout(face, _check_size(size))
+    s, pix = float(lay.size), _pixel_centres(lay.size)
+    lip = face.lip_thickness * s
+    half_w = face.mouth_width / 2 * s + margin
+    top, bottom = face.mouth_y * s - lip - margin, (face.mouth_y + MOUTH_OPEN_MAX) * s + lip + margin
+    x = pix[None, None, :] - (lay.cx + motion.head_dx.astype(np.float32)[:, None, None])   # [T, 1, S]
+    y = pix[None, :, None] - (lay.cy + motion.head_dy.astype(np.float32)[:, None, None])   # [T, S, 1]
+    inside = (np.abs(x) <= half_w) & (y >= top) & (y <= bottom)                           # [T, S, S]
+    return inside.astype(np.float32)
+
+
 def reference_image(face: FaceParams, size: int = DEFAULT_SIZE) -> np.ndarray:
     """The neutral reference: mouth closed, eyes open, head centred. uint8 ``[size, size, 3]``."""
     return render_frame(face, 0.0, 0.0, 0.0, 1.0, size)
@@ -782,6 +804,7 @@ class ClipSample:
     identity: the face. frames: uint8 ``[T, H, W, 3]``. pcm: float32 ``[T * 640]`` at 16 kHz,
     frame t <-> samples ``[t * 640, (t + 1) * 640)``. motion: per-frame ground truth (mouth
     opening, head offset, blink). reference: uint8 ``[H, W, 3]`` neutral image of the identity.
+    mouth: float32 ``[T, H, W]`` mask of where the mouth can be (:func:`mouth_mask`).
     """
 
     identity: int
@@ -789,6 +812,7 @@ class ClipSample:
     pcm: np.ndarray
     motion: Motion
     reference: np.ndarray
+    mouth: np.ndarray
 
 
 def sample_clip(identity: int, pcm: np.ndarray, num_frames: int, seed: int,
@@ -807,7 +831,7 @@ def sample_clip(identity: int, pcm: np.ndarray, num_frames: int, seed: int,
     pcm = np.ascontiguousarray(pcm[:needed], dtype=np.float32)
     motion = make_motion(pcm, num_frames, seed, size)
     return ClipSample(identity=face.identity, frames=render_clip(face, motion, size), pcm=pcm,
-                      motion=motion, reference=reference_image(face, size))
+                      motion=motion, reference=reference_image(face, size), mouth=mouth_mask(face, motion, size))
 
 
 class SyntheticDataset:

@@ -216,6 +216,29 @@ def test_mouth_opening_changes_only_the_mouth_box_and_shows_a_dark_interior(iden
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("identity", [0, 3, 11, 42, 123, 905])
+def test_mouth_mask_holds_every_pixel_the_mouth_changes_and_moves_with_the_head(identity):
+    """Per frame, the pixels that differ between an open and a closed mouth (same head offset) all lie
+    inside mouth_mask; the mask is a few percent of the frame and follows the head's offset."""
+    f = face_params(identity)
+    dx = np.array([0.0, 0.3, -1.7, 2.4], np.float32)
+    dy = np.array([0.0, -0.4, 1.2, -2.1], np.float32)
+    motion = Motion(mouth=np.ones(4, np.float32), head_dx=dx, head_dy=dy, blink=np.ones(4, np.float32))
+    mask = syn.mouth_mask(f, motion)                                                     # [4, S, S]
+    assert mask.shape == (4, S, S) and mask.dtype == np.float32
+    for t in range(4):
+        closed = render_frame(f, 0.0, dx[t], dy[t], 1.0).astype(np.int32)
+        for m in (0.3, 1.0):
+            changed = np.abs(render_frame(f, m, dx[t], dy[t], 1.0).astype(np.int32) - closed).sum(-1) > 0
+            assert changed.any() and not (changed & (mask[t] == 0)).any()
+        assert 0.01 < mask[t].mean() < 0.08
+    # the mask of a frame with an offset is the offset frame's mask, not frame 0's
+    assert not np.array_equal(mask[2], mask[0])
+    with pytest.raises(syn.SyntheticError, match="Motion"):
+        syn.mouth_mask(f, "not motion")
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("identity", [1, 4, 9, 42, 77])
 def test_blink_changes_only_the_eye_boxes(identity):
     f, dx, dy = face_params(identity), -0.6, 0.7
@@ -289,8 +312,9 @@ def test_sample_clip_is_deterministic_and_consistent():
     a = sample_clip(17, pcm, num_frames, seed=5)
     b = sample_clip(17, pcm, num_frames, seed=5)
     assert isinstance(a, ClipSample) and a.identity == 17
-    for field in ("frames", "pcm", "reference"):
+    for field in ("frames", "pcm", "reference", "mouth"):
         assert np.array_equal(getattr(a, field), getattr(b, field))
+    assert np.array_equal(a.mouth, syn.mouth_mask(face_params(17), a.motion))
     assert a.frames.shape == (num_frames, S, S, 3) and a.frames.dtype == np.uint8
     assert a.pcm.shape == (num_frames * SAMPLES_PER_FRAME,) and np.array_equal(a.pcm, pcm[:a.pcm.size])
     assert np.array_equal(a.motion.mouth, mouth_envelope(pcm[:num_frames * SAMPLES_PER_FRAME]))

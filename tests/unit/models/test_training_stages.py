@@ -30,6 +30,7 @@ from models.training.stages import (
     flow_matching_loss,
     inflated_init_,
     make_sink,
+    reconstruction_losses,
     rollout,
     sample_sigma,
 )
@@ -170,6 +171,71 @@ def test_vae_stream_stage_loss_decreases_and_checks_its_clips():
         VAEStreamStage(vae, data, stage.optimizer, batch=1, chunks=1, max_prefix=2, crop=12)
 
 
+def _mouth_mse64(recon: torch.Tensor, x: torch.Tensor, mask: np.ndarray) -> float:
+    """float64 reference: mean squared error over the masked pixels (all 3 channels)."""
+    err = (recon.detach().double().numpy() - x.double().numpy()) ** 2                     # [B, 3, T, H, W]
+    m = np.broadcast_to(mask[:, None].astype(np.float64), err.shape)
+    return float((err * m).sum() / m.sum())
+
+
+def test_mouth_loss_is_the_error_inside_the_mouth_mask_of_the_frames_and_crops_trained():
+    """Both VAE stages grade the mouth with the mask of exactly the frames and crop windows they train:
+    their reported mouth term equals a float64 recomputation from syn.mouth_mask, and it enters the loss
+    with mouth_weight."""
+    g = torch.Generator().manual_seed(0)
+    recon, x = torch.randn(2, 3, 3, 8, 8, generator=g), torch.randn(2, 3, 3, 8, 8, generator=g)
+    mask = (torch.rand(2, 3, 8, 8, generator=g) < 0.2).float()
+    mse, _, _, mouth = reconstruction_losses(recon, x, mask)
+    assert mouth.item() == pytest.approx(_mouth_mse64(recon, x, mask.numpy()), rel=1e-5)
+    assert mouth.item() != pytest.approx(mse.item(), rel=1e-2)
+    assert reconstruction_losses(recon, x)[3].item() == 0.0
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig.tiny())
+    frozen = torch.optim.SGD(vae.parameters(), lr=0.0)                         # the reported loss is pre-step
+    data = syn.SyntheticDataset(_speech(), [5, 6], num_frames=1 + 4 * 3, seed=1, epoch_size=4)
+    faces = {i: syn.face_params(i) for i in (5, 6)}
+    # 1. VAEStage, warm-up (single frames, no latent noise)
+    stage = VAEStage(vae, data, frozen, batch=1, image_batch=3, image_steps=10, mouth_weight=2.0)
+    out = stage(0, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, len(data), (3,), generator=gen).tolist()
+    pick = torch.randint(0, data.num_frames, (3,), generator=gen).tolist()
+    samples = [data[i] for i in idx]
+    x = to_pixels(np.stack([s.frames[k:k + 1] for s, k in zip(samples, pick, strict=True)]))
+    with torch.no_grad():
+        recon = vae.decoder(vae.conv2(vae.conv1(vae.encoder(x))[:, :vae.config.z_dim]))
+    mask = np.stack([syn.mouth_mask(faces[s.identity], s.motion)[k:k + 1] for s, k in zip(samples, pick, strict=True)])
+    assert out["mouth"] == pytest.approx(_mouth_mse64(recon, x, mask), rel=1e-4)
+    assert out["loss"] == pytest.approx(out["mse"] + 2.0 * out["mouth"], rel=1e-5)
+    # 2. VAEStreamStage (random prefix and crop windows)
+    stream = VAEStreamStage(vae, data, frozen, batch=2, chunks=1, max_prefix=2, crop=32, latent_noise=0.0,
+                            mouth_weight=3.0)
+    graded = 0
+    for seed in range(6):
+        out = stream(seed, torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, len(data), (2,), generator=gen).tolist()
+        prefix = int(torch.randint(0, 3, (1,), generator=gen))
+        corners = torch.randint(0, 64 - 32 + 1, (2, 2), generator=gen).tolist()
+        frames = 1 + 4 * (prefix + 1)
+        samples = [data[i] for i in idx]
+        x = to_pixels(np.stack([s.frames[:frames, r:r + 32, c:c + 32] for s, (r, c) in zip(samples, corners, strict=True)]))
+        with torch.no_grad():
+            recon, target = stream.reconstruct(x, prefix, torch.Generator())
+        start = frames - target.shape[2]
+        mask = np.stack([syn.mouth_mask(faces[s.identity], s.motion)[start:frames, r:r + 32, c:c + 32]
+                         for s, (r, c) in zip(samples, corners, strict=True)])
+        if mask.sum() == 0:
+            assert out["mouth"] == 0.0
+            continue
+        assert out["mouth"] == pytest.approx(_mouth_mse64(recon, target, mask), rel=1e-4)
+        assert out["loss"] == pytest.approx(out["mse"] + 0.1 * out["l1"] + out["motion"] + 3.0 * out["mouth"],
+                                            rel=1e-5)
+        graded += 1
+    assert graded >= 2                                             # some crop windows hold part of a mouth
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["teacher", "causal-student"])
 def test_flow_matching_stage_loss_decreases(tiny_latents, causal):
     torch.manual_seed(0)
@@ -254,3 +320,12 @@ def test_quick_recipe_config_is_the_same_architecture():
     full, quick = TrainConfig().model_config(), TrainConfig.quick().model_config()
     assert dataclasses.asdict(full) == dataclasses.asdict(quick)
     assert full.dit.dim == TrainConfig().dit_dim and full.vae == VAEConfig.tiny()
+
+
+def test_vae_dim_widens_only_the_vae():
+    from models.training.recipe import TrainConfig
+
+    base, wide = TrainConfig().model_config(), TrainConfig(vae_dim=12).model_config()
+    assert wide.vae == dataclasses.replace(VAEConfig.tiny(), dim=12) and wide.dit == base.dit
+    narrow, wider = (sum(p.numel() for p in WanVAE(c.vae).parameters()) for c in (base, wide))
+    assert 2.0 < wider / narrow < 2.4           # conv weights scale with the width squared
