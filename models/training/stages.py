@@ -152,9 +152,9 @@ class VAEStage:
         idx = torch.randint(0, len(self.dataset), (n,), generator=gen).tolist()
         if images:   # one random frame of each clip                                [B, 1, H, W, 3]
             pick = torch.randint(0, self.dataset.num_frames, (n,), generator=gen).tolist()
-            samples = [self.dataset[i] for i in idx]
-            x = to_pixels(np.stack([s.frames[k:k + 1] for s, k in zip(samples, pick, strict=True)]))
-            mouth = torch.stack([mouth_masks([s], slice(k, k + 1))[0] for s, k in zip(samples, pick, strict=True)])
+            samples = [self.dataset.get(i, slice(k, k + 1)) for i, k in zip(idx, pick, strict=True)]
+            x = to_pixels(np.stack([s.frames for s in samples]))
+            mouth = mouth_masks(samples)                                         # [B, 1, H, W]
         else:
             data = self.long_dataset if self.long_dataset is not None and step >= self.long_from else self.dataset
             samples = [data[i] for i in idx]
@@ -243,10 +243,10 @@ class VAEStreamStage:
         prefix = int(torch.randint(0, self.max_prefix + 1, (1,), generator=gen))
         frames = 1 + st * (prefix + self.chunks)
         corners = torch.randint(0, self.dataset.size - self.crop + 1, (self.batch, 2), generator=gen).tolist()
-        samples = [self.dataset[i] for i in idx]
+        samples = [self.dataset.get(i, slice(0, frames)) for i in idx]             # only the frames used
         rows = [slice(r, r + self.crop) for r, _ in corners]
         cols = [slice(c, c + self.crop) for _, c in corners]
-        x = to_pixels(np.stack([s.frames[:frames, r, c] for s, r, c in zip(samples, rows, cols, strict=True)]))
+        x = to_pixels(np.stack([s.frames[:, r, c] for s, r, c in zip(samples, rows, cols, strict=True)]))
         recon, target = self.reconstruct(x, prefix, gen)
         split = frames - target.shape[2]
         mouth = mouth_masks(samples, slice(split, frames), rows, cols)             # [B, T', c, c]

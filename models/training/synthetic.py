@@ -816,11 +816,16 @@ class ClipSample:
 
 
 def sample_clip(identity: int, pcm: np.ndarray, num_frames: int, seed: int,
-                size: int = DEFAULT_SIZE, face_seed: int = 0) -> ClipSample:
+                size: int = DEFAULT_SIZE, face_seed: int = 0, frames: slice | None = None) -> ClipSample:
     """Render ``identity`` speaking the first ``num_frames * 640`` samples of ``pcm``.
 
+    ``frames`` (a slice of the ``num_frames``) renders only those frames: the sample then holds
+    those frames, their motion, audio and mouth masks, equal to the same slice of the whole clip's
+    (the motion is made for the whole clip first; only the drawing is skipped).
+
     Raises:
-        SyntheticError: ``pcm`` is not 1-D / finite or has fewer than ``num_frames * 640`` samples.
+        SyntheticError: ``pcm`` is not 1-D / finite or has fewer than ``num_frames * 640`` samples,
+            or ``frames`` is not a slice with step 1 that selects at least one frame.
     """
     pcm, num_frames = _check_pcm(pcm), _check_int("num_frames", num_frames, 1)
     needed = num_frames * SAMPLES_PER_FRAME
@@ -830,6 +835,14 @@ def sample_clip(identity: int, pcm: np.ndarray, num_frames: int, seed: int,
     face = face_params(identity, face_seed)
     pcm = np.ascontiguousarray(pcm[:needed], dtype=np.float32)
     motion = make_motion(pcm, num_frames, seed, size)
+    if frames is not None:
+        if not isinstance(frames, slice) or frames.step not in (None, 1):
+            raise SyntheticError(f"frames must be a slice with step 1, got {frames!r}")
+        start, stop, _ = frames.indices(num_frames)
+        if stop <= start:
+            raise SyntheticError(f"frames {frames!r} selects no frame of {num_frames}")
+        motion = Motion(**{name: getattr(motion, name)[start:stop] for name in ("mouth", "head_dx", "head_dy", "blink")})
+        pcm = pcm[start * SAMPLES_PER_FRAME:stop * SAMPLES_PER_FRAME]
     return ClipSample(identity=face.identity, frames=render_clip(face, motion, size), pcm=pcm,
                       motion=motion, reference=reference_image(face, size), mouth=mouth_mask(face, motion, size))
 
@@ -905,9 +918,13 @@ class SyntheticDataset:
         return identity, pcm, int(rng.integers(2 ** 31))
 
     def __getitem__(self, i: int) -> ClipSample:
+        return self.get(i)
+
+    def get(self, i: int, frames: slice | None = None) -> ClipSample:
+        """Item ``i``; with ``frames``, only that slice of it is rendered (equal to ``self[i]``'s slice)."""
         if isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i < 0:
             i += len(self)
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < len(self):
             raise IndexError(f"index {i!r} out of range for a dataset of {len(self)} items")
         identity, pcm, motion_seed = self.window(int(i))
-        return sample_clip(identity, pcm, self.num_frames, motion_seed, self.size, self.face_seed)
+        return sample_clip(identity, pcm, self.num_frames, motion_seed, self.size, self.face_seed, frames)

@@ -329,6 +329,23 @@ def test_sample_clip_is_deterministic_and_consistent():
 
 
 @pytest.mark.unit
+def test_a_slice_of_a_clip_renders_only_those_frames_and_equals_the_whole_clips_slice():
+    data = SyntheticDataset([_speech_like(3.0, seed=1)], [4, 9], num_frames=21, seed=2)
+    for i, frames in ((0, slice(0, 9)), (1, slice(7, 8)), (2, slice(13, None))):
+        whole, part = data[i], data.get(i, frames)
+        start, stop, _ = frames.indices(21)
+        assert part.identity == whole.identity and part.frames.shape[0] == stop - start
+        for field in ("frames", "mouth"):
+            assert np.array_equal(getattr(part, field), getattr(whole, field)[frames])
+        assert np.array_equal(part.pcm, whole.pcm[start * SAMPLES_PER_FRAME:stop * SAMPLES_PER_FRAME])
+        for name in ("mouth", "head_dx", "head_dy", "blink"):
+            assert np.array_equal(getattr(part.motion, name), getattr(whole.motion, name)[frames])
+        assert np.array_equal(part.reference, whole.reference)
+    for bad in (slice(5, 5), slice(0, 10, 2), 3):
+        with pytest.raises(syn.SyntheticError, match="frames"):
+            data.get(0, bad)
+
+
 def test_sample_clip_rejects_short_or_bad_pcm():
     with pytest.raises(SyntheticError, match="too short"):
         sample_clip(0, np.zeros(10 * SAMPLES_PER_FRAME - 1, np.float32), 10, seed=0)
