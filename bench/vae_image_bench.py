@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.vae_stream_bench import round_trip  # noqa: E402
 from models.training import synthetic as syn  # noqa: E402
 from models.training.data import identities_split, to_pixels  # noqa: E402
 from models.training.recipe import TrainConfig  # noqa: E402
@@ -52,8 +53,7 @@ def held_out_frames(corpus: SpeechCorpus, held: list[int]) -> tuple[torch.Tensor
 def errors(vae: WanVAE, x: torch.Tensor, mask: torch.Tensor, dark: torch.Tensor) -> dict[str, float]:
     """L1 of the round trip over the frame and inside the mouth (all, dark, light skin)."""
     was_training = vae.training
-    vae.eval()
-    recon = vae.decoder(vae.conv2(vae.conv1(vae.encoder(x))[:, :vae.config.z_dim])).clamp(-1.0, 1.0)
+    recon = round_trip(vae.eval(), x)
     vae.train(was_training)
     err = (recon - x).abs()                                                       # [N, 3, 1, H, W]
     mouth = (err * mask).sum(dim=(1, 2, 3, 4)) / (3 * mask.sum(dim=(1, 2, 3, 4)))  # [N]

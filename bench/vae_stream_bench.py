@@ -40,12 +40,16 @@ HELD_OUT_IDS = (905, 812)
 
 
 @torch.no_grad()
+def round_trip(vae: WanVAE, x: torch.Tensor) -> torch.Tensor:
+    """Encode (posterior mean) and decode ``x`` [B, 3, T, H, W] in one causal pass, clamped to [-1, 1]."""
+    mu = vae.conv1(vae.encoder(x))[:, :vae.config.z_dim]
+    return vae.decoder(vae.conv2(mu)).clamp(-1.0, 1.0)
+
+
 def chunk_errors(vae: WanVAE, x: torch.Tensor) -> list[float]:
     """Mean L1 of frame 0, then of each 4-frame chunk, for video ``x`` [B, 3, 1 + 4k, H, W]."""
-    z_dim, st = vae.config.z_dim, vae.config.stride[0]
-    mu = vae.conv1(vae.encoder(x))[:, :z_dim]                      # raw posterior mean
-    recon = vae.decoder(vae.conv2(mu)).clamp(-1.0, 1.0)            # [B, 3, T, H, W]
-    err = (recon - x).abs().mean(dim=(0, 1, 3, 4))                 # [T]
+    st = vae.config.stride[0]
+    err = (round_trip(vae, x) - x).abs().mean(dim=(0, 1, 3, 4))   # [T]
     return [err[0].item()] + [err[1 + st * k:1 + st * (k + 1)].mean().item() for k in range((x.shape[2] - 1) // st)]
 
 
@@ -58,20 +62,13 @@ def clips(frames: int, examples: Path, cache: Path) -> tuple[torch.Tensor, torch
     return to_pixels(talking), to_pixels(static), data
 
 
-@torch.no_grad()
-def round_trip(vae: WanVAE, x: torch.Tensor) -> torch.Tensor:
-    """Encode (posterior mean) and decode ``x`` [B, 3, T, H, W] in one causal pass, clamped to [-1, 1]."""
-    mu = vae.conv1(vae.encoder(x))[:, :vae.config.z_dim]
-    return vae.decoder(vae.conv2(mu)).clamp(-1.0, 1.0)
-
-
-def write_sheet(vae: WanVAE, talking: torch.Tensor, out_png: Path, every: int = 4, columns: int = 12) -> None:
-    """Every ``every``-th frame of each talking clip: ground truth above, round trip below (2x upscaled)."""
+def write_sheet(talking: torch.Tensor, recon: torch.Tensor, out_png: Path, every: int = 4, columns: int = 12) -> None:
+    """Every ``every``-th frame of each talking clip: ground truth above, its round trip ``recon`` below
+    (2x upscaled)."""
     from PIL import Image
 
     from models.training.data import to_uint8
 
-    recon = round_trip(vae, talking)
     rows = []
     for i in range(talking.shape[0]):
         for video in (talking[i], recon[i]):
@@ -81,16 +78,14 @@ def write_sheet(vae: WanVAE, talking: torch.Tensor, out_png: Path, every: int = 
     Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(out_png)
 
 
-@torch.no_grad()
-def round_trip_quality(vae: WanVAE, talking: torch.Tensor, data: syn.SyntheticDataset) -> list[dict]:
-    """Quality-harness scores of each talking clip after an encode + decode round trip."""
+def round_trip_quality(recon: torch.Tensor, data: syn.SyntheticDataset) -> list[dict]:
+    """Quality-harness scores of the round trips ``recon`` [B, 3, T, H, W] of the clips ``data[0..B)``."""
     from models.quality.probes import load_probes
     from models.quality.report import evaluate
     from models.training.data import to_uint8
 
     probes, rows = load_probes(), []
-    recon = round_trip(vae, talking)
-    for i in range(talking.shape[0]):
+    for i in range(recon.shape[0]):
         clip, (_, pcm, _) = data[i], data.window(i)
         r = evaluate(to_uint8(recon[i]), pcm, clip.reference, probes, gt_motion=clip.motion)
         rows.append({"sync_corr": r.sync.correlation, "sync_offset": r.sync.offset_frames,
@@ -110,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = LiveAvatarConfig.load("tiny-trained")
-    shipped = build_models(cfg, checkpoint=SHIPPED_CHECKPOINT).vae.eval()
     if args.state:   # a training state, possibly of another width (TrainConfig.vae_dim)
         state = torch.load(args.state, weights_only=False)["modules"]["vae"]
         shipped = WanVAE(dataclasses.replace(cfg.vae, dim=state["encoder.conv1.weight"].shape[0])).eval()
         shipped.load_state_dict(state)
+    else:
+        shipped = build_models(cfg, checkpoint=SHIPPED_CHECKPOINT, parts={"vae"}).vae.eval()
     torch.manual_seed(0)
     random = WanVAE(cfg.vae).eval()                                # PyTorch default init: the floor
     talking, static, data = clips(args.frames, Path(args.examples), Path(args.cache))
@@ -125,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         for kind, errs in rows.items():
             print(f"{name:8s} {kind:8s} frame0 {errs[0]:.3f} | chunks 1,5,9,...: "
                   + " ".join(f"{e:.3f}" for e in errs[1::4]))
-    result["round_trip_quality"] = round_trip_quality(shipped, talking, data)
+    recon = round_trip(shipped, talking)
+    result["round_trip_quality"] = round_trip_quality(recon, data)
     for row in result["round_trip_quality"]:
         print("round trip: " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     if args.sheet:
-        write_sheet(shipped, talking, Path(args.sheet))
+        write_sheet(talking, recon, Path(args.sheet))
     return 0
 
 
