@@ -146,10 +146,15 @@ class LiveAvatarConfig:
 
 def default_checkpoint(spec: str | Path, checkpoint: str | Path | None = None) -> str | None:
     """The weights a (config spec, checkpoint) pair means: ``checkpoint`` when given, the shipped
-    checkpoint for ``"tiny-trained"``, else None (seeded random weights)."""
+    checkpoint for ``"tiny-trained"``, the directory itself when the spec is a bundle written by
+    training (it has ``liveavatar.json`` and the weights beside it), else None (seeded random weights)."""
     if checkpoint is not None:
         return str(checkpoint)
-    return str(SHIPPED_CHECKPOINT) if str(spec) == SHIPPED_SPEC else None
+    if str(spec) == SHIPPED_SPEC:
+        return str(SHIPPED_CHECKPOINT)
+    if str(spec) not in ("tiny", "reference") and (Path(spec) / BUNDLE_CONFIG_FILE).is_file():
+        return str(spec)
+    return None
 
 
 def _dataclass_from_dict(klass, raw: dict[str, Any], what: str):

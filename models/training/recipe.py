@@ -67,15 +67,15 @@ class TrainConfig:
     train_identities: int = 800        # identities [0, 800) train; [800, 1000) are held out for eval
     num_synth_speech: int = 200        # espeak-ng utterances (plus the real example speech)
     # 1. VAE
-    vae_dim: int = 8                   # base width (the tiny architecture's); 12 fits the 20 MB budget too
-    vae_steps: int = 1500
+    vae_dim: int = 12                  # base width (the tiny architecture has 8; v1-v3 trained 8)
+    vae_steps: int = 3000              # v1-v3: 1500
     vae_batch: int = 2                 # clips per clip step (image steps take 8 single frames)
     vae_frames: int = 5                # 1 + 4k frames per clip
     vae_long_frames: int = 9           # ... and from step vae_long_from on (two chunks)
-    vae_long_from: int = 1100
+    vae_long_from: int = 2200          # v1-v3: 1100
     vae_lr: float = 2e-3               # during the 600 single-frame warm-up steps
     vae_lr_clips: float = 5e-4         # after it
-    vae_mouth_weight: float = 0.0      # weight of the MSE inside the mouth mask (both VAE stages)
+    vae_mouth_weight: float = 1.0      # weight of the MSE inside the mouth mask (both VAE stages; v1-v3: 0)
     # 1b. the VAE in the streaming steady state (long cache-filling prefixes, truncated backprop)
     vae_stream_steps: int = 800
     vae_stream_batch: int = 4
@@ -109,7 +109,7 @@ class TrainConfig:
     dmd_batch: int = 4
     student_lr: float = 5e-5
     critic_lr: float = 2e-4
-    guidance: float = 1.5
+    guidance: float = 3.0              # audio CFG of the real score (v1-v3: 1.5)
     save_every: int = 100
 
     @classmethod

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generate", action="store_true", help="generate from --image and --audio, then score")
     p.add_argument("--image", default=None, help="with --generate: the reference image")
     p.add_argument("--checkpoint", default=None, help="with --generate: checkpoint directory (default: the "
-                   "shipped checkpoint for tiny-trained, seeded random weights otherwise)")
+                   "shipped checkpoint for tiny-trained, the directory itself when the config is a trained bundle, "
+                   "seeded random weights otherwise)")
     p.add_argument("--config", default=None, help="with --generate: 'tiny-trained', 'tiny', 'reference' or a "
                    "checkpoint directory (default: the checkpoint's liveavatar.json, else tiny-trained)")
     p.add_argument("--seconds", type=float, default=None, help="with --generate: use only the first S seconds "

@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny-trained", help="'tiny-trained' (the shipped trained checkpoint), 'tiny' "
                    "(seeded random weights), 'reference' or a checkpoint directory (default tiny-trained)")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (official layout); default: the shipped "
-                   "checkpoint for tiny-trained, seeded random weights otherwise")
+                   "checkpoint for tiny-trained, the directory itself when the config is a trained bundle, "
+                   "seeded random weights otherwise")
     p.add_argument("--lora", default=None, help="PEFT LoRA file (liveavatar.safetensors), merged at load time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -20,7 +20,8 @@ class WorkerSettings(LiveAvatarSettings):
                        description="'tiny-trained' (the shipped trained checkpoint), 'tiny' (seeded random), "
                                    "'reference' or a checkpoint directory")
     checkpoint: str | None = Field(None, description="checkpoint directory; unset: the shipped checkpoint for "
-                                                     "'tiny-trained', seeded random weights otherwise")
+                                                     "'tiny-trained', the directory itself when the config is a trained "
+                                                     "bundle, seeded random weights otherwise")
     weights_seed: int = Field(0, description="seed of the random weights when no checkpoint is given")
     redis_namespace: str = Field("la", description="prefix of every Redis key")
     poll_ms: int = Field(200, description="Kafka poll timeout")

@@ -40,6 +40,8 @@ def test_shipped_checkpoint_loads_through_the_normal_path_and_matches_the_recipe
     config = LiveAvatarConfig.load(SHIPPED_SPEC)
     assert default_checkpoint(SHIPPED_SPEC) == str(SHIPPED_CHECKPOINT)
     assert default_checkpoint("tiny") is None and default_checkpoint("tiny", "/x") == "/x"
+    # a bundle directory given as the config brings its own weights (a training run's checkpoint)
+    assert default_checkpoint(str(SHIPPED_CHECKPOINT)) == str(SHIPPED_CHECKPOINT)
     models = build_models(config, checkpoint=default_checkpoint(SHIPPED_SPEC))       # strict key/shape load
     assert not models.random_weights
     recipe = TrainConfig().model_config()
@@ -90,8 +92,10 @@ def test_shipped_vae_holds_the_streaming_steady_state():
 
 
 def test_shipped_model_beats_random_weights_on_identity_and_lip_sync(shared_examples, tmp_path):
-    """Held-out face, held-out real speech: the shipped model's video looks like the reference and follows
-    the speech clearly better than the same architecture with seeded random weights."""
+    """Held-out faces (one light-, one dark-skinned), held-out real speech: the shipped model's video
+    looks like the reference, follows the speech clearly better than the same architecture with seeded
+    random weights, and the mouth visibly moves (v3, whose VAE washed dark mouths out, had 0.2 % of the
+    ground truth's mouth variance on face 812 and sync 0.08; v4 has 56 % and 0.78)."""
     from models.quality.probes import load_probes
     from models.quality.report import evaluate
     from models.training.speech import SpeechCorpus
@@ -99,19 +103,31 @@ def test_shipped_model_beats_random_weights_on_identity_and_lip_sync(shared_exam
 
     torch.set_num_threads(1)
     pcm = SpeechCorpus(tmp_path, shared_examples, num_synth=0).held_out_example()[:6 * syn.SAMPLE_RATE]
-    reference = syn.reference_image(syn.face_params(905))
     probes = load_probes()
     config = LiveAvatarConfig.load(SHIPPED_SPEC)
-    scores = {}
-    for name, models in (("shipped", build_models(config, checkpoint=SHIPPED_CHECKPOINT)),
-                         ("random", build_models(config, seed=0))):
+    shipped_models = build_models(config, checkpoint=SHIPPED_CHECKPOINT)
+
+    def score(models, identity: int):
+        reference = syn.reference_image(syn.face_params(identity))
         runner = SequentialRunner(models, package=False)
         runner.start_session(SessionSpec(image_rgb=reference, seed=0))
         with torch.no_grad():
             frames = np.concatenate([r.frames.numpy() for r in runner.generate(pcm)])
-        scores[name] = evaluate(frames, pcm, reference, probes)
-    shipped, random = scores["shipped"], scores["random"]
-    assert shipped.identity.mean > random.identity.mean + 0.3, (shipped.summary_line(), random.summary_line())
-    assert shipped.sync.correlation > 0.3 and shipped.sync.correlation > random.sync.correlation + 0.1
-    # within about one latent (4 frames): the VAE round trip alone already shifts the mouth by ~3 frames
-    assert abs(shipped.sync.offset_frames) <= 5
+        return evaluate(frames, pcm, reference, probes)   # motion ratios against the renderer's own motion
+
+    random = score(build_models(config, seed=0), 905)
+    for identity in (905, 812):
+        shipped = score(shipped_models, identity)
+        summary = (identity, shipped.summary_line(), random.summary_line())
+        assert shipped.identity.mean > random.identity.mean + 0.3, summary
+        assert shipped.sync.correlation > 0.5 and shipped.sync.correlation > random.sync.correlation + 0.2, summary
+        # within about one latent (4 frames): the VAE round trip alone already shifts the mouth by ~3 frames
+        assert abs(shipped.sync.offset_frames) <= 4, summary
+        assert shipped.motion.mouth_var_ratio > 0.3, summary
+
+
+def test_a_directory_without_a_bundle_config_means_no_weights(tmp_path):
+    """An official-layout directory (config.json only) names the architecture, not the weights."""
+    (tmp_path / "config.json").write_text("{}")
+    assert default_checkpoint(str(tmp_path)) is None
+    assert default_checkpoint(str(tmp_path), "/w") == "/w"

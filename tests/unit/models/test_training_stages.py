@@ -319,13 +319,15 @@ def test_quick_recipe_config_is_the_same_architecture():
 
     full, quick = TrainConfig().model_config(), TrainConfig.quick().model_config()
     assert dataclasses.asdict(full) == dataclasses.asdict(quick)
-    assert full.dit.dim == TrainConfig().dit_dim and full.vae == VAEConfig.tiny()
+    assert full.dit.dim == TrainConfig().dit_dim
+    assert full.vae == dataclasses.replace(VAEConfig.tiny(), dim=TrainConfig().vae_dim)
 
 
 def test_vae_dim_widens_only_the_vae():
     from models.training.recipe import TrainConfig
 
-    base, wide = TrainConfig().model_config(), TrainConfig(vae_dim=12).model_config()
+    base, wide = TrainConfig(vae_dim=8).model_config(), TrainConfig(vae_dim=12).model_config()
+    assert base.vae == VAEConfig.tiny()         # 8: the tiny architecture's own width
     assert wide.vae == dataclasses.replace(VAEConfig.tiny(), dim=12) and wide.dit == base.dit
     narrow, wider = (sum(p.numel() for p in WanVAE(c.vae).parameters()) for c in (base, wide))
     assert 2.0 < wider / narrow < 2.4           # conv weights scale with the width squared
