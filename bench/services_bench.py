@@ -6,7 +6,8 @@ Usage (from the repository root)::
     .venv/bin/python bench/services_bench.py --json /tmp/s.json --doc none
     .venv/bin/python bench/services_bench.py --wire-only           # part 3 only, no stack (~20 s)
 
-What it measures (tiny configuration on this CPU, real example inputs from ``/work/shared/examples``)
+What it measures (the shipped trained tiny checkpoint, in process and in the services alike, on this CPU;
+real example inputs from ``/work/shared/examples``)
   1. Per-block overhead of the services path. (a) ``pipeline_stages.tpp.TPPLane`` in process (4 denoise
      ranks + 1 decode rank as processes, audio stage and packaging in the caller), the whole audio pushed
      at once; (b) the same audio through the local stack (``liveavatar up``: audio-encoder -> lane of 5
@@ -218,15 +219,17 @@ def tpp_inprocess(image: bytes, pcm: np.ndarray, pcm_rt: np.ndarray) -> dict:
     session with ``pcm_rt`` pushed at real time (latency from push to result, as in part 2)."""
     import torch
 
+    from models.checkpoints import SHIPPED_SPEC
     from models.inputs import load_image
-    from models.liveavatar import LiveAvatarConfig
+    from models.liveavatar import LiveAvatarConfig, default_checkpoint
     from pipeline_stages.sequential import SessionSpec
     from pipeline_stages.tpp import TPPLane
 
     torch.set_num_threads(1)
     n = len(pcm) // BLOCK
     t0 = time.monotonic()
-    with TPPLane(LiveAvatarConfig.tiny()) as lane:
+    # the model the services run by default (the shipped checkpoint), so the difference is the services path
+    with TPPLane(LiveAvatarConfig.load(SHIPPED_SPEC), checkpoint=default_checkpoint(SHIPPED_SPEC)) as lane:
         t_ready = time.monotonic() - t0
         lane.start_session(SessionSpec(load_image(image, 50_000_000), "", seed=1))
         pids = [os.getpid()] + [proc.pid for proc in lane.procs]
@@ -586,8 +589,8 @@ def machine() -> dict:
 def markdown(res: dict) -> str:
     """The results table that goes between the markers of docs/services.md."""
     m, lines = res["machine"], []
-    lines.append(f"Measured {m['date_utc']} UTC on {m['cores']} cores ({m['cpu']}), tiny configuration "
-                 f"(64x64), one lane of 5 processes; 1-minute load average "
+    lines.append(f"Measured {m['date_utc']} UTC on {m['cores']} cores ({m['cpu']}), the shipped tiny "
+                 f"checkpoint (64x64) in both columns, one lane of 5 processes; 1-minute load average "
                  f"{' -> '.join(str(v) for v in res.get('load', {}).values())} over the run (the machine is shared "
                  f"with other work). Whole run: {res.get('total_s', 0):.0f} s.")
     lines.append("")
