@@ -214,7 +214,7 @@ def wire_sizes() -> dict:
 # Part 1a: the in-process TPP lane
 # ---------------------------------------------------------------------------------------------
 
-def tpp_inprocess(image: bytes, pcm: np.ndarray, pcm_rt: np.ndarray) -> dict:
+def tpp_inprocess(image: bytes, pcm: np.ndarray, pcm_rt: np.ndarray, decode_threads: int | None = None) -> dict:
     """TPPLane: ``pcm`` pushed at once (arrival time of every block result, fragment made), then a second
     session with ``pcm_rt`` pushed at real time (latency from push to result, as in part 2)."""
     import torch
@@ -229,7 +229,8 @@ def tpp_inprocess(image: bytes, pcm: np.ndarray, pcm_rt: np.ndarray) -> dict:
     n = len(pcm) // BLOCK
     t0 = time.monotonic()
     # the model the services run by default (the shipped checkpoint), so the difference is the services path
-    with TPPLane(LiveAvatarConfig.load(SHIPPED_SPEC), checkpoint=default_checkpoint(SHIPPED_SPEC)) as lane:
+    with TPPLane(LiveAvatarConfig.load(SHIPPED_SPEC), checkpoint=default_checkpoint(SHIPPED_SPEC),
+                 decode_threads=decode_threads) as lane:
         t_ready = time.monotonic() - t0
         lane.start_session(SessionSpec(load_image(image, 50_000_000), "", seed=1))
         pids = [os.getpid()] + [proc.pid for proc in lane.procs]
@@ -590,7 +591,8 @@ def markdown(res: dict) -> str:
     """The results table that goes between the markers of docs/services.md."""
     m, lines = res["machine"], []
     lines.append(f"Measured {m['date_utc']} UTC on {m['cores']} cores ({m['cpu']}), the shipped tiny "
-                 f"checkpoint (64x64) in both columns, one lane of 5 processes; 1-minute load average "
+                 f"checkpoint (64x64) in both columns, decode rank with {res.get('decode_threads', 1)} thread(s), "
+                 f"one lane of 5 processes; 1-minute load average "
                  f"{' -> '.join(str(v) for v in res.get('load', {}).values())} over the run (the machine is shared "
                  f"with other work). Whole run: {res.get('total_s', 0):.0f} s.")
     lines.append("")
@@ -728,9 +730,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-rank", type=int, default=2, help="lane rank to SIGKILL (0 head .. 4 decoder)")
     p.add_argument("--wire-only", action="store_true", help="part 3 only (no processes, no stack)")
     p.add_argument("--run-dir", help="run directory of the local stack (default: a fresh temporary one)")
+    p.add_argument("--decode-threads", type=int, default=None,
+                   help="torch threads of the lane's decode rank, in process and in the stack "
+                        "(LIVEAVATAR_DECODE_THREADS); default: 1 like every rank")
     args = p.parse_args(argv)
+    if args.decode_threads:
+        os.environ["LIVEAVATAR_DECODE_THREADS"] = str(args.decode_threads)    # inherited by the stack's lanes
 
-    res: dict = {"machine": machine(), "load": {"start": load()}}
+    res: dict = {"machine": machine(), "load": {"start": load()}, "decode_threads": args.decode_threads or 1}
     image = (EXAMPLES / "cyclops_baker.jpg").read_bytes()
     t_all = time.monotonic()
 
@@ -747,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         pcm_rt = example_pcm(["cyclops_baker", "kitchen_grandmother", "music_producer"], args.rt_blocks)
         print(f"part 1a (+2 in process): TPPLane, {args.blocks} blocks at once, {args.rt_blocks} at real time ...",
               flush=True)
-        res["tpp"] = tpp_inprocess(image, pcm_burst, pcm_rt)
+        res["tpp"] = tpp_inprocess(image, pcm_burst, pcm_rt, args.decode_threads)
         res["load"]["after_tpp"] = load()
         save(res)
         run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="services-bench-"))

@@ -166,6 +166,7 @@ class RankSpec:
     timeout_s: float = 30.0
     heartbeat_s: float = 1.0
     threads: int = 1
+    decode_threads: int | None = None    # the decode rank's torch threads (None: ``threads``)
 
     @property
     def world_size(self) -> int:
@@ -178,6 +179,12 @@ class RankSpec:
     @property
     def stage_name(self) -> str:
         return "decode" if self.is_decode else f"denoise-{self.rank}"
+
+    @property
+    def torch_threads(self) -> int:
+        """CPU threads of this rank: on CPU the VAE decode costs far more than one denoising step
+        (docs/services.md), so the decode rank may get more."""
+        return self.decode_threads if self.is_decode and self.decode_threads else self.threads
 
 
 def stage_name(rank: int, steps: int) -> str:
@@ -200,7 +207,7 @@ def run_rank(spec: RankSpec, source: LaneSource | None, output: LaneOutput | Non
     """Body of one lane rank: join the group, build the stage, process messages until SHUTDOWN."""
     import torch.distributed as dist
 
-    torch.set_num_threads(spec.threads)
+    torch.set_num_threads(spec.torch_threads)
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -442,12 +449,14 @@ class TPPLane:
 
     def __init__(self, config: LiveAvatarConfig, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  seed: int = 0, checkpoint: str | None = None, lora: str | None = None, timeout_s: float = 30.0,
-                 heartbeat_s: float = 1.0, threads_per_rank: int = 1, package: bool = True):
+                 heartbeat_s: float = 1.0, threads_per_rank: int = 1, package: bool = True,
+                 decode_threads: int | None = None):
         self.config = config
         self.steps = config.scheduler.num_inference_steps
         self.device, self.dtype, self.seed = device, dtype, seed
         self.checkpoint, self.lora = checkpoint, lora
         self.timeout_s, self.heartbeat_s, self.threads = timeout_s, heartbeat_s, threads_per_rank
+        self.decode_threads = decode_threads
         self.package_enabled = package
         self.procs: list = []
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -488,7 +497,7 @@ class TPPLane:
         for rank in range(self.steps + 1):
             spec = RankSpec(rank, self.steps, self.config, init, self.rank_device(rank),
                             str(self.dtype).removeprefix("torch."), self.seed, self.checkpoint, self.lora,
-                            self.timeout_s, self.heartbeat_s, self.threads)
+                            self.timeout_s, self.heartbeat_s, self.threads, self.decode_threads)
             p = ctx.Process(target=_rank_main, args=(spec, self.inbox, self.outbox, self.reports[rank], os.getpid()),
                             name=f"liveavatar-{stage_name(rank, self.steps)}", daemon=True)
             p.start()

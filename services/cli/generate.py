@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="reject larger images")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (results are bit-reproducible "
                    "for a fixed thread count)")
+    p.add_argument("--decode-threads", type=int, default=None, help="with --tpp: torch threads of the decode rank "
+                   "(default: --threads; the decode costs far more than a denoising step on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -92,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline_stages.tpp import TPPLane
 
         runner = TPPLane(config, device=args.device, dtype=dtype, seed=args.seed, checkpoint=checkpoint,
-                         lora=args.lora, threads_per_rank=args.threads or 1)
+                         lora=args.lora, threads_per_rank=args.threads or 1, decode_threads=args.decode_threads)
     else:
         models = build_models(config, device=device, dtype=dtype, seed=args.seed, checkpoint=checkpoint,
                               lora=args.lora)

@@ -78,6 +78,7 @@ class LaneSettings(WorkerSettings):
     dtype: str = "float32"
     rank_timeout_s: float = 30.0
     heartbeat_s: float = 1.0
+    decode_threads: int | None = None        # torch threads of the decode rank (unset: threads; docs/services.md)
     compress_frames: bool = False            # zlib the decoded frames on the wire (measured: see docs)
     emit_latents: bool = False               # also put each block's final latent on the frames topic (tests)
 
@@ -310,7 +311,8 @@ def run_lane_rank(s: LaneSettings) -> None:
     spec = RankSpec(rank=s.dist_rank, steps=s.lane_stages, config=config, init_method=s.init_method(),
                     device=s.device, dtype=s.dtype, weights_seed=s.weights_seed,
                     checkpoint=default_checkpoint(s.model, s.checkpoint),
-                    timeout_s=s.rank_timeout_s, heartbeat_s=s.heartbeat_s, threads=s.threads)
+                    timeout_s=s.rank_timeout_s, heartbeat_s=s.heartbeat_s, threads=s.threads,
+                    decode_threads=s.decode_threads)
     store = StateStore.from_url(s.redis_url.get_secret_value(), namespace=s.redis_namespace)
     reporter = _LogReporter(s.dist_rank)
     port = s.health_port + s.dist_rank if s.health_port and s.health_port_by_rank else s.health_port
@@ -322,7 +324,7 @@ def run_lane_rank(s: LaneSettings) -> None:
         source = _StoppableSource(source, stop)
     log.info("lane rank starting", lane=s.lane_id, rank=s.dist_rank, stage=spec.stage_name, health_port=health.port)
     try:
-        torch.set_num_threads(s.threads)
+        torch.set_num_threads(spec.torch_threads)
         run_rank(spec, source, output, reporter)
     finally:
         health.stop()
