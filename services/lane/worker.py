@@ -324,8 +324,7 @@ def run_lane_rank(s: LaneSettings) -> None:
         source = _StoppableSource(source, stop)
     log.info("lane rank starting", lane=s.lane_id, rank=s.dist_rank, stage=spec.stage_name, health_port=health.port)
     try:
-        torch.set_num_threads(spec.torch_threads)
-        run_rank(spec, source, output, reporter)
+        run_rank(spec, source, output, reporter)      # sets the rank's torch threads (spec.torch_threads)
     finally:
         health.stop()
 

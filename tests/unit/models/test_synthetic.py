@@ -346,6 +346,7 @@ def test_a_slice_of_a_clip_renders_only_those_frames_and_equals_the_whole_clips_
             data.get(0, bad)
 
 
+@pytest.mark.unit
 def test_sample_clip_rejects_short_or_bad_pcm():
     with pytest.raises(SyntheticError, match="too short"):
         sample_clip(0, np.zeros(10 * SAMPLES_PER_FRAME - 1, np.float32), 10, seed=0)
