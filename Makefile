@@ -16,6 +16,15 @@ test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The unit tests with ATen, oneDNN and MKL capped at AVX2 (tests/numerics.py: no test may depend on one CPU's kernels).
+# Own torch.compile cache: its key ignores ATEN_CPU_CAPABILITY, and AVX-512 kernels reused here give NaN.
+# ISA_TESTS narrows the run (CI: the numerical tests of the models and stages).
+ISA_TESTS ?= tests/unit
+.PHONY: test-isa
+test-isa: setup
+	@ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.run/inductor-avx2 $(PY) -m pytest -m unit $(ISA_TESTS) $(PYTEST_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 

@@ -9,8 +9,8 @@ Usage (from the repository root)::
 What it measures
   1. The tiny configuration (``LiveAvatarConfig.tiny()``, 64x64, seeded random weights) through the
      real pipeline, ``pipeline_stages.sequential.SequentialRunner``: audio stage -> 4 denoising
-     stages -> streaming VAE decode -> fMP4 packaging. Input: the shared example image
-     ``cyclops_baker.jpg`` and its speech ``cyclops_baker.wav`` looped to feed ``--blocks`` blocks,
+     stages -> streaming VAE decode -> fMP4 packaging. Input: the example image
+     ``examples/cyclops_baker.jpg`` and its speech ``cyclops_baker.wav`` looped to feed ``--blocks`` blocks,
      pushed one block (7,680 samples, 0.48 s) at a time, as a live feed would.
      Reported: session set-up time, first-block latency, steady FPS and real-time factor, per-block
      latency p50/p99 near block 10 (blocks 5..24) and near block 2,000 (blocks 1990..2009), peak and
@@ -45,8 +45,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.flops import DEVICE_SPECS, model_report, tflop  # noqa: E402
+from services.common.examples import examples_dir  # noqa: E402
 
-EXAMPLES = ROOT.parent / "shared" / "examples"
+EXAMPLES = examples_dir()
 DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 EARLY_WINDOW = (5, 25)          # latency "at block 10": blocks 5..24
 LATE_WINDOW = (1990, 2010)      # latency "at block 2,000": blocks 1990..2009

@@ -1,4 +1,4 @@
-"""Quality of the shipped checkpoint and the rolling-sink-frame ablation (issue 8).
+"""Quality of the shipped checkpoint and the rolling-sink-frame ablation.
 
     python bench/quality_bench.py                      # everything: ~1 h of stream per ablation variant
     python bench/quality_bench.py --hours 0.05 --ids 2 # a quick run
@@ -41,6 +41,7 @@ from models.training import synthetic as syn  # noqa: E402
 from models.training.speech import SpeechCorpus  # noqa: E402
 from pipeline_stages.decode_stage import DecodeStage  # noqa: E402
 from pipeline_stages.sequential import SequentialRunner, SessionSpec  # noqa: E402
+from services.common.examples import examples_dir  # noqa: E402
 
 VARIANTS = {
     "rsfm": GenerationOptions(),
@@ -115,7 +116,7 @@ def ablation_variant(models, name: str, reference: np.ndarray, pcm: np.ndarray, 
     n_blocks = len(pcm) // block_samples
     win_blocks = max(1, round(window_s * cfg.fps / fpb_frames))
     every_blocks = max(win_blocks, round(every_s * cfg.fps / fpb_frames))
-    one_minute = round(60.0 * cfg.fps / fpb_frames)        # a window at 1 min too (the issue's "at 1 minute")
+    one_minute = round(60.0 * cfg.fps / fpb_frames)        # a window at 1 min too
     starts = sorted({*range(0, n_blocks - win_blocks + 1, every_blocks), max(0, n_blocks - win_blocks),
                      *([one_minute] if one_minute + win_blocks <= n_blocks else [])})
     runner = SequentialRunner(models, package=False)
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "quality"))
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="default: the shipped checkpoint")
     p.add_argument("--cache", default=str(ROOT / "runs" / "bench-cache"))
-    p.add_argument("--examples", default=str(ROOT.parent / "shared" / "examples"))
+    p.add_argument("--examples", default=str(examples_dir()))
     p.add_argument("--ids", type=int, default=5, help="held-out identities in part 1")
     p.add_argument("--clip-seconds", type=float, default=20.0)
     p.add_argument("--hours", type=float, default=1.0, help="stream time per ablation variant")

@@ -1,4 +1,4 @@
-"""Services benchmark (issue 5): what the Kafka/Redis services path costs over the in-process lane.
+"""Services benchmark: what the Kafka/Redis services path costs over the in-process lane.
 
 Usage (from the repository root)::
 
@@ -7,7 +7,7 @@ Usage (from the repository root)::
     .venv/bin/python bench/services_bench.py --wire-only           # part 3 only, no stack (~20 s)
 
 What it measures (the shipped trained tiny checkpoint, in process and in the services alike, on this CPU;
-real example inputs from ``/work/shared/examples``)
+real example inputs from the repository's ``examples/`` folder)
   1. Per-block overhead of the services path. (a) ``pipeline_stages.tpp.TPPLane`` in process (4 denoise
      ranks + 1 decode rank as processes, audio stage and packaging in the caller), the whole audio pushed
      at once; (b) the same audio through the local stack (``liveavatar up``: audio-encoder -> lane of 5
@@ -53,7 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-EXAMPLES = ROOT.parent / "shared" / "examples"
+from services.common.examples import examples_dir  # noqa: E402
+
+EXAMPLES = examples_dir()
 BLOCK = 7680                     # samples of 16 kHz PCM per block (12 frames at 25 fps = 0.48 s)
 BLOCK_S = BLOCK / 16000
 DOC_BEGIN, DOC_END = "<!-- services-bench:begin -->", "<!-- services-bench:end -->"
@@ -130,7 +132,7 @@ def wire_sizes() -> dict:
     """Bytes per block of every message type with reference shapes, and the MB/s they mean per session."""
     import torch
 
-    from pipeline_stages.sequential import make_package_stage
+    from pipeline_stages.package_stage import make_package_stage
     from services.common.messages import AudioIn, Features, Frames, Media, Tensor, encode, tensor_from_torch
 
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Session API benchmark (issue 6): what a client of the REST/WebSocket API sees, on the local stack.
+"""Session API benchmark: what a client of the REST/WebSocket API sees, on the local stack.
 
 Usage (from the repository root)::
 
@@ -62,7 +62,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-EXAMPLES = ROOT.parent / "shared" / "examples"
+from services.common.examples import examples_dir  # noqa: E402
+
+EXAMPLES = examples_dir()
 AVATARS = ("cyclops_baker", "kitchen_grandmother", "music_producer")
 BLOCK_S = 0.48                   # 12 frames at 25 fps
 FRAMES_PER_BLOCK = 12

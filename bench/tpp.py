@@ -53,8 +53,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline_stages.pipeline_model import implied_mfu, predict_lane, project_gpu, steady_rate  # noqa: E402
+from services.common.examples import examples_dir  # noqa: E402
 
-EXAMPLES = ROOT.parent / "shared" / "examples"
+EXAMPLES = examples_dir()
 DOC_BEGIN, DOC_END = "<!-- tpp-bench:begin -->", "<!-- tpp-bench:end -->"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -190,7 +191,7 @@ def run_sequential(config, image, pcm, first: int, last: int) -> dict[str, objec
             snaps[b] = cpu_snapshot(pids)
     snaps["end"] = cpu_snapshot(pids)
     runner.finish()
-    runner.close()
+    runner.close_session()
     bps = steady_rate(arrivals, first, last)
     stage_ms = {k: r(1e3 * statistics.fmean(v[first + 1:last + 1]), 2) for k, v in times.calls.items()}
     stage_cpu_ms = {k: r(1e3 * statistics.fmean(v[first + 1:last + 1]), 2) for k, v in times.cpu.items()}
@@ -208,7 +209,8 @@ def run_sequential(config, image, pcm, first: int, last: int) -> dict[str, objec
 # ---------------------------------------------------------------------------------------------
 
 def run_lane(config, image, image2, pcm, first: int, last: int) -> dict[str, object]:
-    from pipeline_stages.sequential import SessionSpec, prepare_sink
+    from pipeline_stages.sequential import SessionSpec
+    from pipeline_stages.sink import prepare_sink
     from pipeline_stages.tpp import TPPLane
 
     n = config.audio.block_samples

@@ -33,6 +33,7 @@ from models.training.recipe import TrainConfig  # noqa: E402
 from models.training.speech import SpeechCorpus  # noqa: E402
 from models.training.stages import VAEStage, inflated_init_  # noqa: E402
 from models.vae import WanVAE  # noqa: E402
+from services.common.examples import examples_dir  # noqa: E402
 
 DARK_SKIN = 120.0   # mean skin RGB below this counts as dark
 EVAL_FACES = 48
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mouth-weight", type=float, default=0.0, help="TrainConfig.vae_mouth_weight")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--examples", default=str(ROOT.parent / "shared" / "examples"))
+    p.add_argument("--examples", default=str(examples_dir()))
     p.add_argument("--cache", default=str(ROOT / "runs" / "speech-cache"), help="espeak-ng speech cache")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the curve as JSON here")

@@ -36,6 +36,7 @@ from models.training.recipe import TrainConfig  # noqa: E402
 from models.training.speech import SpeechCorpus  # noqa: E402
 from models.training.stages import VAEStage, inflated_init_  # noqa: E402
 from models.vae import VAEConfig, WanVAE  # noqa: E402
+from services.common.examples import examples_dir  # noqa: E402
 
 VARIANTS = ("default", "he", "inflated", "inflated+lr-drop")
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--every", type=int, default=100)
-    p.add_argument("--examples", default=str(ROOT.parent / "shared" / "examples"))
+    p.add_argument("--examples", default=str(examples_dir()))
     p.add_argument("--cache", default=str(ROOT / "runs" / "speech-cache"), help="espeak-ng speech cache")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)

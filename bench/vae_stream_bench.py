@@ -1,4 +1,4 @@
-"""Does the VAE hold up in the streaming steady state? Reconstruction error per 4-frame chunk (issue 8).
+"""Does the VAE hold up in the streaming steady state? Reconstruction error per 4-frame chunk.
 
     python bench/vae_stream_bench.py                                  # the shipped checkpoint's VAE
     python bench/vae_stream_bench.py --state runs/train/vae/state.pt  # a training-stage state instead
@@ -35,6 +35,7 @@ from models.training import synthetic as syn  # noqa: E402
 from models.training.data import to_pixels  # noqa: E402
 from models.training.speech import SpeechCorpus  # noqa: E402
 from models.vae import WanVAE  # noqa: E402
+from services.common.examples import examples_dir  # noqa: E402
 
 HELD_OUT_IDS = (905, 812)
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--state", default=None, help="a training stage's state.pt holding a 'vae' module")
     p.add_argument("--frames", type=int, default=161, help="1 + 4k frames (default 161 = 6.4 s, 40 chunks)")
-    p.add_argument("--examples", default=str(ROOT.parent / "shared" / "examples"))
+    p.add_argument("--examples", default=str(examples_dir()))
     p.add_argument("--cache", default=str(ROOT / "runs" / "speech-cache"), help="espeak-ng speech cache")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the numbers as JSON here")

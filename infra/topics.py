@@ -11,13 +11,20 @@
 writing to its partition, and a lane's blocks stay in order. Its partition count is therefore the most
 lanes one cluster can run (the broker cannot add partitions later; choose it generously).
 Every other topic is keyed by session id: one session's messages stay in one partition, in order.
+
+Message sizes. Each topic has an explicit ``max.message.bytes`` (:data:`MAX_MESSAGE_BYTES`): the largest
+message it carries at the reference size (the area rule's largest frame, 448x640 pixels; 12 frames per
+block; wav2vec2-large features), with
+headroom; ``tests/unit/test_topic_sizes.py`` builds those messages with the real encoders and checks
+that each fits, and that the clients' request and fetch limits (:data:`CLIENT_MAX_MESSAGE_BYTES`) hold
+the largest topic limit. ``frames`` is the big one: a block of raw RGB frames is 9.7 to 10.3 MB at
+the reference size, over Kafka's 1 MiB default, so that topic and the clients are sized for it.
 """
 
 from __future__ import annotations
 
 import os
-
-from services.common.kafka import TopicSpec
+from dataclasses import dataclass
 
 AUDIO = "audio"
 AUDIO_FEATURES = "audio-features"
@@ -28,6 +35,28 @@ MEDIA = "media"
 DEFAULT_MAX_LANES = 16
 DEFAULT_PARTITIONS = 8
 HOUR_MS = 3_600_000
+MiB = 1 << 20
+
+#: ``max.message.bytes`` per topic (reference size; derivations in tests/unit/test_topic_sizes.py).
+MAX_MESSAGE_BYTES = {
+    AUDIO: 1 * MiB,            # 200 ms PCM chunks (12.8 kB) and session events
+    AUDIO_FEATURES: 4 * MiB,   # one block's features [1, 25, 1024, 12] float32 (1.2 MB) + its PCM
+    FRAMES: 16 * MiB,          # one block of raw RGB frames [12, 448, 640, 3] (10.3 MB) + PCM
+    MEDIA: 8 * MiB,            # one fMP4 fragment: H.264 never needs more than raw YUV 4:2:0 (5.2 MB)
+}
+#: Producer ``max_request_size`` and consumer ``max_partition_fetch_bytes``: the largest topic limit.
+CLIENT_MAX_MESSAGE_BYTES = max(MAX_MESSAGE_BYTES.values())
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic: its name, partition count, retention and largest message (created by
+    ``services.common.kafka.ensure_topics``)."""
+
+    name: str
+    partitions: int
+    retention_ms: int = HOUR_MS
+    max_message_bytes: int = 1 * MiB
 
 
 def topic_prefix() -> str:
@@ -43,8 +72,10 @@ def all_topics(max_lanes: int | None = None, partitions: int | None = None) -> l
     lanes = max_lanes or int(os.environ.get("LIVEAVATAR_MAX_LANES", DEFAULT_MAX_LANES))
     parts = partitions or int(os.environ.get("LIVEAVATAR_TOPIC_PARTITIONS", DEFAULT_PARTITIONS))
     return [
-        TopicSpec(name(AUDIO), parts, retention_ms=HOUR_MS),
-        TopicSpec(name(AUDIO_FEATURES), lanes, retention_ms=HOUR_MS),
-        TopicSpec(name(FRAMES), parts, retention_ms=HOUR_MS // 4),   # large values: keep for 15 min
-        TopicSpec(name(MEDIA), parts, retention_ms=HOUR_MS),
+        TopicSpec(name(AUDIO), parts, retention_ms=HOUR_MS, max_message_bytes=MAX_MESSAGE_BYTES[AUDIO]),
+        TopicSpec(name(AUDIO_FEATURES), lanes, retention_ms=HOUR_MS,
+                  max_message_bytes=MAX_MESSAGE_BYTES[AUDIO_FEATURES]),
+        TopicSpec(name(FRAMES), parts, retention_ms=HOUR_MS // 4,   # large values: keep for 15 min
+                  max_message_bytes=MAX_MESSAGE_BYTES[FRAMES]),
+        TopicSpec(name(MEDIA), parts, retention_ms=HOUR_MS, max_message_bytes=MAX_MESSAGE_BYTES[MEDIA]),
     ]

@@ -149,7 +149,9 @@ class AdaLayerNorm(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """x [N, L, dim], emb [N, dim] -> [N, L, dim]."""
-        shift, scale = upcast(self.linear(F.silu(emb))).chunk(2, dim=-1)   # SHIFT first
+        g = F.silu(upcast(emb))                                    # fp32, the weights cast at call time
+        mod = F.linear(g, self.linear.weight.to(g.dtype), self.linear.bias.to(g.dtype))
+        shift, scale = mod.chunk(2, dim=-1)                                 # SHIFT first
         y = F.layer_norm(upcast(x), (x.shape[-1],), eps=self.eps).to(shift.dtype)
         return (y * (1 + scale[:, None]) + shift[:, None]).type_as(x)
 

@@ -27,6 +27,7 @@ shapes involved.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -372,10 +373,16 @@ class LoadReport:
     still_meta: tuple[str, ...]
 
 
-def _keeps_fp32(key: str, keep_in_fp32: Sequence[str]) -> bool:
-    """diffusers-style ``_keep_in_fp32_modules``: a name matches a dotted prefix or any path component."""
+def keeps_fp32(key: str, keep_in_fp32: Sequence[str]) -> bool:
+    """diffusers-style ``_keep_in_fp32_modules``: whether ``key`` (a parameter or buffer name) lies in one of
+    the listed modules.
+
+    A name matches the key itself, a dotted prefix of it or any path component (``"modulation"`` matches
+    ``blocks.3.modulation``); ``*`` is a wildcard (``"blocks.*.norm3"`` matches ``blocks.0.norm3.weight``).
+    """
     parts = key.split(".")
-    return any(key.startswith(name + ".") or name in parts for name in keep_in_fp32)
+    return any(name in parts or fnmatch.fnmatchcase(key, name) or fnmatch.fnmatchcase(key, name + ".*")
+               for name in keep_in_fp32)
 
 
 def load_state_dict_strict(
@@ -395,7 +402,8 @@ def load_state_dict_strict(
 
     Dtype/device of the loaded tensors:
       - ``dtype`` given: floating tensors become ``dtype``, except keys matched by ``keep_in_fp32`` (default:
-        the module's ``_keep_in_fp32_modules`` attribute, if any), which become float32;
+        the module's ``_keep_in_fp32_modules`` attribute, if any; see :func:`keeps_fp32`), which become
+        float32 (float64 when ``dtype`` is float64);
       - ``dtype`` None: each tensor takes the dtype of the module's own tensor (on a meta module that is the
         dtype it was built with: build it in bf16 or pass ``dtype`` to avoid a float32 copy of a bf16 file);
       - ``device`` None: the module tensor's device, or the checkpoint tensor's device if the module is on meta.
@@ -439,7 +447,8 @@ def load_state_dict_strict(
     for key, ref in expected.items():
         t = state_dict[key]
         if (t.is_floating_point() or t.is_complex()) and dtype is not None:
-            want_dtype = torch.float32 if _keeps_fp32(key, keep_in_fp32) and t.is_floating_point() else dtype
+            keep = keeps_fp32(key, keep_in_fp32) and t.is_floating_point()
+            want_dtype = torch.promote_types(dtype, torch.float32) if keep else dtype
         else:
             want_dtype = ref.dtype
         want_device = target_device or (t.device if ref.device.type == "meta" else ref.device)

@@ -27,7 +27,10 @@ Dtype policy (declared once, here)
     * float64: RoPE angles and rotation (models/rope.py).
     * Matmuls, convolutions and attention run in the parameter dtype.
     These layers cast at call time (`upcast(x) ... .type_as(x)`), so they work whatever dtype
-    a checkpoint loader leaves the weights in. See FP32_MODULES.
+    their weights are in.
+    * FP32_MODULES lists the modules whose weights are stored in (at least) fp32. It is the one
+      list both dtype casts read: `CausalWanS2V.cast` (construction, seeded weights) and the
+      checkpoint loader (`_keep_in_fp32_modules`, read by `models.checkpoint.load_state_dict_strict`).
 """
 
 from __future__ import annotations
@@ -51,9 +54,10 @@ from models.attention import (
     upcast,
 )
 from models.audio_adapter import AudioInjector, CausalAudioEncoder
+from models.checkpoint import keeps_fp32
 from models.config import DiTConfig, ModelInputError
 from models.kv_cache import KVCache, SinkCache
-from models.motioner import FramePackMotioner
+from models.motioner import FramePackMotioner, framepack_mode
 from models.rope import RopeFactors, RopePositions, rope_factors
 
 FP32_MODULES = ("time_embedding", "time_projection", "head", "blocks.*.modulation",
@@ -178,6 +182,9 @@ class CausalWanS2V(nn.Module):
     """Wan2.2-S2V-14B made block-causal (Live Avatar). Construct with `device="meta"` for
     parameter/key/shape checks of the real size; weights come from the checkpoint loader."""
 
+    #: read by `models.checkpoint.load_state_dict_strict` when it casts a checkpoint on load
+    _keep_in_fp32_modules = FP32_MODULES
+
     def __init__(self, config: DiTConfig | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None):
         super().__init__()
@@ -202,11 +209,25 @@ class CausalWanS2V(nn.Module):
             self.audio_injector = AudioInjector(cfg)
             # 6. output head
             self.head = Head(cfg)
-        self.to(dtype)
+        self.cast(dtype)
+        # Steps 5-6 of forward_block run through this when set (torch.compile / CUDA graphs,
+        # models/accel.py); None = eager `_core`. Same arguments as `_core`.
+        self.core_runner = None
 
     # ---- helpers ----------------------------------------------------------------------
+    def cast(self, dtype: torch.dtype) -> CausalWanS2V:
+        """Cast to `dtype` per the dtype policy: FP32_MODULES to at least fp32, the rest to `dtype`.
+        (A plain `.to(dtype)` casts everything.)"""
+        keep = torch.promote_types(dtype, torch.float32)
+        self.to(dtype)
+        for name, p in self.named_parameters():
+            if keeps_fp32(name, FP32_MODULES) and p.is_floating_point():
+                p.data = p.data.to(keep)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
+        """The parameter dtype (that of the matmul weights; FP32_MODULES may be wider)."""
         return self.patch_embedding.weight.dtype
 
     @property
@@ -301,6 +322,27 @@ class CausalWanS2V(nn.Module):
             got = tuple(audio.shape) if isinstance(audio, Tensor) else type(audio).__name__
             raise ModelInputError(f"audio must be [B, layers, audio_dim, video frames] = {list(want)}, got {got}")
 
+    def _check_block_inputs(self, x: Tensor, t: Tensor | float, audio: Tensor, text_emb: Tensor, kv: KVCache,
+                            sink: SinkCache, frame_start: int, ref_time: int
+                            ) -> tuple[Tensor, int, tuple[int, int], int, int]:
+        """Every input check of `forward_block`, each failing with a ModelInputError that names the input.
+
+        Returns t [B] (float64), the latent frame count F, the token grid (h', w'), frame_start and ref_time.
+        """
+        cfg = self.config
+        b, _, f, h, w = self._check_latent(x, "x", cfg.in_dim)
+        grid = (h // cfg.patch_size[1], w // cfg.patch_size[2])
+        t = self._check_t(t, b)
+        self._check_audio(audio, b, f)
+        self._check_text(text_emb, b)
+        self._check_sink(sink, b, grid[0] * grid[1])
+        frame_start = _as_int("frame_start", frame_start, minimum=0)
+        ref_time = _as_int("ref_time", ref_time)
+        if kv.frame_seq_len != grid[0] * grid[1] or kv.k[0].shape[0] != b or len(kv.k) != cfg.num_layers:
+            raise ModelInputError(f"KV cache (batch {kv.k[0].shape[0]}, {kv.frame_seq_len} tokens/frame) "
+                                  f"does not match the input (batch {b}, {grid[0] * grid[1]} tokens/frame)")
+        return t, f, grid, frame_start, ref_time
+
     # ---- public API ---------------------------------------------------------------
     def embed_text(self, context: Tensor) -> Tensor:
         """umT5 context [B, Lt <= text_len, text_dim] -> zero pad to text_len -> [B, text_len, dim].
@@ -335,7 +377,7 @@ class CausalWanS2V(nn.Module):
         # 1. cond tokens with their cond-type embedding                      # [B, S_sink, dim]
         ref = self.patch_embedding(ref_latent.to(self.patch_embedding.weight)).flatten(2).transpose(1, 2)
         ref = ref + self.trainable_cond_mask.weight[1]
-        motion = self.frame_packer(motion_latents, 2 if cfg.add_last_motion else 0)
+        motion = self.frame_packer(motion_latents, framepack_mode(cfg))
         motion = motion + self.trainable_cond_mask.weight[2]
         x = torch.cat([ref, motion], dim=1)
         if x.shape[1] != sink.num_tokens or ref.shape[1] != sink.num_ref_tokens or sink.k[0].shape[0] != b:
@@ -360,18 +402,8 @@ class CausalWanS2V(nn.Module):
         Writes the block's roped K/V into `kv`; the block attends to itself (bidirectional),
         the earlier frames held by `kv`, and the whole sink. Returns [B, out_dim, F, h, w] in fp32.
         """
-        cfg = self.config
-        b, _, f, h, w = self._check_latent(x, "x", cfg.in_dim)
-        grid = (h // cfg.patch_size[1], w // cfg.patch_size[2])
-        t = self._check_t(t, b)
-        self._check_audio(audio, b, f)
-        self._check_text(text_emb, b)
-        self._check_sink(sink, b, grid[0] * grid[1])
-        frame_start = _as_int("frame_start", frame_start, minimum=0)
-        ref_time = _as_int("ref_time", ref_time)
-        if kv.frame_seq_len != grid[0] * grid[1] or kv.k[0].shape[0] != b or len(kv.k) != cfg.num_layers:
-            raise ModelInputError(f"KV cache (batch {kv.k[0].shape[0]}, {kv.frame_seq_len} tokens/frame) "
-                                  f"does not match the input (batch {b}, {grid[0] * grid[1]} tokens/frame)")
+        t, f, grid, frame_start, ref_time = self._check_block_inputs(x, t, audio, text_emb, kv, sink,
+                                                                     frame_start, ref_time)
         # 1. noisy tokens (+ pose bias, + cond-type 0)                        # [B, F*h'*w', dim]
         tokens = self._embed_noisy(x, pose)
         # 2. audio tokens of the block                                        # [B, F, 5|1, dim]
@@ -382,10 +414,16 @@ class CausalWanS2V(nn.Module):
         rope = self._rope(self._noisy_positions(frame_start, f, grid))
         window = kv.advance(frame_start, f)
         ctx = StreamingStep(kv, window, sink, rope, self._rope(sink.positions_at(ref_time)), use_sink)
-        # 5. blocks with audio injection
+        # 5. blocks with audio injection, 6. head and unpatchify
+        core = self._core if self.core_runner is None else self.core_runner
+        return core(tokens, e, e0, text_emb, ctx, audio_tokens, f, grid)
+
+    def _core(self, tokens: Tensor, e: Tensor, e0: Tensor, text_emb: Tensor, ctx: AttentionContext,
+              audio_tokens: tuple[Tensor, Tensor] | None, frames: int, grid: tuple[int, int]) -> Tensor:
+        """Steps 5-6 of forward_block: blocks (+ audio injection), head, unpatchify. Every tensor
+        argument has a fixed shape for a given latent grid; `ctx` holds the caches and positions."""
         tokens = self._run_blocks(tokens, e0, text_emb, ctx, audio_tokens)
-        # 6. head and unpatchify
-        return self.unpatchify(self.head(tokens, e), f, grid)
+        return self.unpatchify(self.head(tokens, e), frames, grid)
 
     forward = forward_block
 

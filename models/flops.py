@@ -41,6 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.config import DiTConfig, ModelInputError
+from models.motioner import COMPRESSIONS, framepack_bucket_shapes, framepack_token_count
 
 # ---------------------------------------------------------------------------------------------
 # Device specifications (one place; every number has its source)
@@ -256,11 +257,7 @@ def sink_token_count(config: DiTConfig, latent_hw: tuple[int, int]) -> int:
     """Cond tokens: ref (one frame) + FramePack buckets at 1x, 2x, 4x compression (floored grids)."""
     h, w = _check_grid(config, latent_hw)
     _, ph, pw = config.patch_size
-    fsl = (h // ph) * (w // pw)
-    buckets = [(b // c) * (h // (ph * c)) * (w // (pw * c)) for b, c in zip(config.framepack_buckets, (1, 2, 4))]
-    if config.framepack_drop_mode == "drop" and not config.add_last_motion:
-        buckets = buckets[2:]          # near buckets hidden and dropped
-    return fsl + sum(buckets)
+    return (h // ph) * (w // pw) + framepack_token_count(config, (h, w))
 
 
 def _conv1d_out(t: int, stride: int) -> int:
@@ -329,9 +326,8 @@ def analytic_flops(config: DiTConfig, latent_hw: tuple[int, int], steady_state: 
     # sink prefill: ref through patch_embedding, motion through the FramePack convs, S tokens through
     # every block attending to each other, t = 0 modulation; no audio, no head
     fp_conv = 0
-    for b, c in zip(config.framepack_buckets, (1, 2, 4)):
-        tokens = (b // c) * (h // (ph * c)) * (w // (pw * c))
-        fp_conv += 2 * tokens * d * config.in_dim * c * (c * ph) * (c * pw)
+    for (nt, nh, nw), c in zip(framepack_bucket_shapes(config, (h, w)), COMPRESSIONS, strict=True):
+        fp_conv += 2 * nt * nh * nw * d * config.in_dim * c * (c * ph) * (c * pw)   # every bucket is convolved
     prefill = FlopBreakdown(linear=B * (layers * block_linear(S) + time_mlp),
                             attention=B * layers * block_attention(S, S),
                             conv=B * (fsl * patch + fp_conv))

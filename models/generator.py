@@ -62,6 +62,22 @@ class GenerationOptions:
     sink: bool = True             # attend to the sink at all (off: the "no sink" ablation)
 
 
+#: The block whose final latent gives the re-anchored sink: its first latent frame becomes the new reference.
+ANCHOR_BLOCK = 0
+
+
+def anchor_from_block(block_index: int, final_latent: Tensor) -> Tensor | None:
+    """The re-anchor latent this block provides, or None: frame 0 of block 0's final latent.
+
+    final_latent [B, C, F, h, w] -> [B, C, 1, h, w] (a view) for block :data:`ANCHOR_BLOCK`, None for
+    every other block. The one place that says which latent re-anchors the sink: the generator, the
+    sequential runner and the TPP decode rank all take it from here.
+    """
+    if block_index != ANCHOR_BLOCK:
+        return None
+    return final_latent[:, :, :1]
+
+
 def block_noise(seed: int, block_index: int, shape: Sequence[int], dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> Tensor:
     """Gaussian noise of one block, a pure function of (seed, block_index).
@@ -205,9 +221,11 @@ class LiveAvatarGenerator:
         return True
 
     @staticmethod
-    def set_anchor(session: GeneratorSession, final_latent_block0: Tensor) -> None:
-        """Record the re-anchor latent: frame 0 of block 0's final latent [B, C, F, h, w]."""
-        session.anchor_latent = final_latent_block0[:, :, :1].clone()
+    def set_anchor(session: GeneratorSession, anchor: Tensor) -> None:
+        """Record the re-anchor latent [B, C, 1, h, w], as :func:`anchor_from_block` gives it."""
+        if anchor.ndim != 5 or anchor.shape[2] != 1:
+            raise ModelInputError(f"the re-anchor latent must be [B, C, 1, h, w], got {tuple(anchor.shape)}")
+        session.anchor_latent = anchor.clone()
 
     # ---- one denoising step (what one TPP stage runs) ------------------------------------
     def sink_lead(self, session: GeneratorSession, block_index: int, step: int) -> int:
@@ -261,7 +279,8 @@ class LiveAvatarGenerator:
         for i in range(self.num_steps):
             x = self.denoise_step(session, i, b, x, audio)
             steps.append(x)
-        if b == 0:
-            self.set_anchor(session, x)
+        anchor = anchor_from_block(b, x)
+        if anchor is not None:
+            self.set_anchor(session, anchor)
         session.block_index += 1
         return BlockOutput(block_index=b, latent=x, step_latents=steps, reanchored=reanchored_now)

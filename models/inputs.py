@@ -198,6 +198,11 @@ def _as_stream(source: Source, what: str):
     raise InputError(f"{what} must be a path or bytes, got {type(source).__name__}")
 
 
+def _reason(exc: BaseException) -> str:
+    """A decoder error as the user should read it: FFmpeg's message without its internal errno."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
 def _check_max_seconds(max_seconds: float) -> None:
     if not (isinstance(max_seconds, (int, float)) and max_seconds > 0 and math.isfinite(max_seconds)):
         raise InputError(f"max_seconds must be a positive number, got {max_seconds!r}")
@@ -222,7 +227,7 @@ def load_audio(source: Source, max_seconds: float, sample_rate: int = TARGET_SAM
     try:
         container = av.open(stream_src, mode="r")
     except Exception as exc:  # noqa: BLE001 - any demuxer failure is bad input
-        raise InputError(f"cannot read audio: not a recognised audio file ({exc})") from exc
+        raise InputError(f"cannot read audio: not a recognised audio file ({_reason(exc)})") from exc
     with container:
         # 1. the first audio stream
         if not container.streams.audio:
@@ -255,7 +260,7 @@ def load_audio(source: Source, max_seconds: float, sample_rate: int = TARGET_SAM
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - decoder errors on corrupt data
-            raise InputError(f"cannot decode audio: corrupt or truncated data ({exc})") from exc
+            raise InputError(f"cannot decode audio: corrupt or truncated data ({_reason(exc)})") from exc
     if decoded == 0:
         raise InputError("audio is empty (no samples decoded)")
     pieces.append(resampler.flush(state))

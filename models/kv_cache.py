@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from models.config import DiTConfig, ModelInputError
-from models.motioner import framepack_positions
+from models.motioner import framepack_mode, framepack_positions
 from models.rope import RopePositions
 
 
@@ -128,8 +128,7 @@ def sink_positions(config: DiTConfig, latent_hw: tuple[int, int]) -> tuple[RopeP
     h, w = config.check_latent_hw(latent_hw)
     gh, gw = h // config.patch_size[1], w // config.patch_size[2]
     ref = RopePositions.grid(torch.tensor([config.ref_rope_time]), torch.arange(gh), torch.arange(gw))
-    add_last = 2 if config.add_last_motion else 0
-    return RopePositions.cat([ref, framepack_positions(config, latent_hw, add_last)]), len(ref)
+    return RopePositions.cat([ref, framepack_positions(config, latent_hw, framepack_mode(config))]), len(ref)
 
 
 @dataclass

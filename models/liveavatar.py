@@ -196,10 +196,22 @@ ALL_PARTS = frozenset({"dit", "vae", "audio", "text"})
 
 def build_models(config: LiveAvatarConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  seed: int = 0, checkpoint: str | Path | None = None, lora: str | Path | None = None,
-                 parts: frozenset[str] | set[str] = ALL_PARTS) -> LiveAvatarModels:
+                 parts: frozenset[str] | set[str] = ALL_PARTS, accel=None) -> LiveAvatarModels:
     """Build the networks named in ``parts``; random seeded weights without ``checkpoint``, else load it
     (local files only). Every part has its own seed, so a process that builds only the DiT gets the same
-    DiT as one that builds everything."""
+    DiT as one that builds everything. ``accel`` (a ``models.accel.AccelOptions``) applies FP8 linears,
+    torch.compile and CUDA graphs to the DiT once it holds its final weights (all off by default)."""
+    models = _build_models(config, device, dtype, seed, checkpoint, lora, parts)
+    if accel is not None and models.dit is not None:
+        from models.accel import accelerate
+
+        accelerate(models.dit, accel)
+    return models
+
+
+def _build_models(config: LiveAvatarConfig, device: str | torch.device, dtype: torch.dtype, seed: int,
+                  checkpoint: str | Path | None, lora: str | Path | None,
+                  parts: frozenset[str] | set[str]) -> LiveAvatarModels:
     device = torch.device(device)
     unknown = set(parts) - ALL_PARTS
     if unknown:
@@ -211,7 +223,7 @@ def build_models(config: LiveAvatarConfig, device: str | torch.device = "cpu", d
         if "dit" in parts:
             dit = CausalWanS2V(config.dit, dtype=torch.float32, device=device)
             _seeded_init(dit, seed)
-            dit = dit.to(dtype).eval()
+            dit = dit.cast(dtype).eval()                  # FP32_MODULES stay fp32
         if "vae" in parts:
             vae = WanVAE(config.vae).to(device)
             _seeded_init(vae, seed + 1)

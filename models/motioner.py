@@ -47,16 +47,38 @@ def framepack_bucket_shapes(config: DiTConfig, latent_hw: tuple[int, int]) -> li
     return [(b // c, h // (ph * c), w // (pw * c)) for b, c in zip(config.framepack_buckets, COMPRESSIONS, strict=True)]
 
 
+def framepack_mode(config: DiTConfig) -> int:
+    """The `add_last_motion` mode the model runs the motioner in: 2 (keep every bucket) when the
+    config's `add_last_motion` is set (the released model), else 0."""
+    return 2 if config.add_last_motion else 0
+
+
+def framepack_dropped(config: DiTConfig, add_last_motion: int) -> int:
+    """How many of the nearest buckets (post, then 2x) have no tokens: `2 - add_last_motion` in
+    "drop" mode; none in "padd" mode (hidden buckets keep their tokens, their latents zeroed)."""
+    if add_last_motion not in (0, 1, 2):
+        raise ModelInputError(f"add_last_motion must be 0, 1 or 2, got {add_last_motion}")
+    return 2 - add_last_motion if config.framepack_drop_mode == "drop" else 0
+
+
+def framepack_token_count(config: DiTConfig, latent_hw: tuple[int, int], add_last_motion: int | None = None) -> int:
+    """The number of FramePack motion tokens for a latent grid (h, w); `add_last_motion` defaults
+    to the config's mode (`framepack_mode`). The one place this count is defined."""
+    mode = framepack_mode(config) if add_last_motion is None else add_last_motion
+    shapes = framepack_bucket_shapes(config, latent_hw)[framepack_dropped(config, mode):]
+    return sum(t * h * w for t, h, w in shapes)
+
+
 def framepack_positions(config: DiTConfig, latent_hw: tuple[int, int],
                         add_last_motion: int = 2) -> RopePositions:
     """RoPE positions of the FramePack tokens, in token order (post, 2x, 4x)."""
     h, w = config.check_latent_hw(latent_hw)
     gh, gw = h // config.patch_size[1], w // config.patch_size[2]   # full patch grid
-    parts, spans = [], 0
+    parts, spans, dropped = [], 0, framepack_dropped(config, add_last_motion)
     for i, (bucket, (nt, nh, nw)) in enumerate(zip(config.framepack_buckets,
                                                   framepack_bucket_shapes(config, latent_hw), strict=True)):
         spans += bucket
-        if config.framepack_drop_mode == "drop" and i < 2 - add_last_motion:
+        if i < dropped:
             continue
         first = -spans                              # oldest latent index of the bucket
         t = -_linspace_int(-first, -first - bucket + 1, nt)   # e.g. 19 -> 4 in 4 steps, negated
@@ -85,8 +107,7 @@ class FramePackMotioner(nn.Module):
         if motion_latents.ndim != 5 or motion_latents.shape[1] != cfg.in_dim:
             raise ModelInputError(f"motion latents must be [B, {cfg.in_dim}, F, h, w], "
                                   f"got {tuple(motion_latents.shape)}")
-        if add_last_motion not in (0, 1, 2):
-            raise ModelInputError(f"add_last_motion must be 0, 1 or 2, got {add_last_motion}")
+        dropped = framepack_dropped(cfg, add_last_motion)
         b, c, fm, h, w = motion_latents.shape
         cfg.check_latent_hw((h, w))
         total = sum(cfg.framepack_buckets)
@@ -103,7 +124,5 @@ class FramePackMotioner(nn.Module):
         # 2. split far -> near and patchify each bucket                      # [B, dim, t', h', w']
         far, mid, near = x.split([n_4x, n_2x, n_post], dim=2)
         tokens = [self.proj(near), self.proj_2x(mid), self.proj_4x(far)]
-        tokens = [t.flatten(2).transpose(1, 2) for t in tokens]              # [B, L_i, dim]
-        if cfg.framepack_drop_mode == "drop":
-            tokens = tokens[2 - add_last_motion:]
+        tokens = [t.flatten(2).transpose(1, 2) for t in tokens[dropped:]]    # [B, L_i, dim]
         return torch.cat(tokens, dim=1)                                      # [B, Lm, dim]

@@ -6,10 +6,24 @@ needs the whole file and the output does not depend on how the PCM was chunked.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 from torch import Tensor
 
-from models.audio_encoder import AudioStreamState, StreamingAudioEncoder, Wav2VecAudioEncoder
+from models.audio_encoder import AudioEncoderConfig, AudioStreamState, StreamingAudioEncoder
+
+
+class BlockEncoder(Protocol):
+    """What the stage encodes a block with: :class:`~models.audio_encoder.Wav2VecAudioEncoder` in
+    process, or a service's adapter around a remote backend (the transport is injected).
+
+    ``encode_block``: float32 ``[block_samples]`` -> ``[layers, audio_dim, block_frames]``.
+    """
+
+    config: AudioEncoderConfig
+
+    def encode_block(self, block: Tensor) -> Tensor: ...
 
 
 class AudioStage:
@@ -17,7 +31,7 @@ class AudioStage:
 
     name = "audio"
 
-    def __init__(self, encoder: Wav2VecAudioEncoder):
+    def __init__(self, encoder: BlockEncoder):
         self.streaming = StreamingAudioEncoder(encoder)
         self.state: AudioStreamState | None = None
 
@@ -49,10 +63,10 @@ class BlockPcm:
     samples are dropped as soon as their block is taken.
     """
 
-    def __init__(self, block_samples: int):
+    def __init__(self, block_samples: int, first_block: int = 0):
         self.block_samples = block_samples
         self.buf = np.zeros(0, dtype=np.float32)
-        self.next_block = 0                   # block whose samples start buf
+        self.next_block = first_block         # block whose samples start buf
 
     def push(self, pcm: np.ndarray) -> None:
         self.buf = np.concatenate([self.buf, np.asarray(pcm, dtype=np.float32).reshape(-1)])

@@ -42,8 +42,9 @@ class DenoiseStage:
         s = self._require()
         return self.generator.reanchor_due(s, block_index) and s.anchor_latent is None
 
-    def set_anchor(self, final_latent_block0: Tensor) -> None:
-        self.generator.set_anchor(self._require(), final_latent_block0)
+    def set_anchor(self, anchor: Tensor) -> None:
+        """Record the re-anchor latent [B, C, 1, h, w] (:func:`models.generator.anchor_from_block`)."""
+        self.generator.set_anchor(self._require(), anchor)
 
     def run(self, block_index: int, x: Tensor, audio: Tensor) -> Tensor:
         """x [B, C, F, h, w] at sigma[step] -> the same block at sigma[step + 1]."""

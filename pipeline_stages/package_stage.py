@@ -480,3 +480,15 @@ class PackageStage:
         state.audio_packets_out += len(packets)
         samples_out = tuple(fmp4.Sample(bytes(p), AAC_FRAME_SAMPLES, True) for p in packets)
         return fmp4.TrackRun(AUDIO_TRACK_ID, decode_time, samples_out)
+
+
+def make_package_stage(width: int, height: int, fps: int, block_frames: int, start_block: int = 0,
+                       tiny: bool = False) -> PackageStage:
+    """A packager for a lane's blocks: every block, the first included, holds ``block_frames`` frames.
+
+    ``tiny`` starts from :meth:`PackageConfig.tiny` (the test-size encoder settings) instead of the defaults.
+    """
+    base = PackageConfig.tiny() if tiny else PackageConfig()
+    cfg = replace(base, width=width, height=height, fps=fps, block_frames=block_frames,
+                  first_block_frames=block_frames)
+    return PackageStage(width, height, fps=fps, config=cfg, start_block=start_block)

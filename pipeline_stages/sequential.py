@@ -11,69 +11,27 @@ Audio may arrive in any chunk size (a live feed); the output does not depend on 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from models.generator import GenerationOptions, LeadFn, LiveAvatarGenerator, block_noise
-from models.inputs import prepare_reference, size_for_area
+from models.generator import LiveAvatarGenerator, anchor_from_block, block_noise
 from models.liveavatar import LiveAvatarModels
 from models.scheduler import FlowMatchScheduler
 from pipeline_stages.audio_stage import AudioStage, BlockPcm
 from pipeline_stages.decode_stage import DecodeStage
 from pipeline_stages.denoise_stage import DenoiseStage
-from pipeline_stages.package_stage import PackageConfig, PackageStage
-from pipeline_stages.sink import SinkInputs, encode_sink
+from pipeline_stages.package_stage import PackageStage, make_package_stage
+from pipeline_stages.runner import BlockResult, SessionSpec
+from pipeline_stages.sink import SinkInputs, prepare_sink
 
-
-@dataclass
-class SessionSpec:
-    """What a session is made of: the reference image, a prompt, a seed and the method switches."""
-
-    image_rgb: np.ndarray                 # uint8 [H, W, 3], any size (resized by the area rule)
-    prompt: str = ""
-    seed: int = 0
-    options: GenerationOptions = field(default_factory=GenerationOptions)
-    leads: LeadFn | Sequence[int] | None = None
-
-
-@dataclass
-class BlockResult:
-    block_index: int
-    latent: Tensor                        # [1, C, 3, h, w] final latent
-    step_latents: list[Tensor]            # latent after each denoising step
-    frames: Tensor                        # [12, H, W, 3] uint8
-    audio: np.ndarray                     # the block's 7,680 PCM samples (16 kHz)
-    fragment: bytes = b""                 # the block's fMP4 fragment (when packaging)
-
-
-def make_package_stage(width: int, height: int, fps: int, block_frames: int, start_block: int = 0,
-                       tiny: bool = False) -> PackageStage:
-    """A packager for our blocks: every block, the first included, holds ``block_frames`` frames."""
-    base = PackageConfig.tiny() if tiny else PackageConfig()
-    cfg = PackageConfig(**{**base.__dict__, "width": width, "height": height, "fps": fps,
-                           "block_frames": block_frames, "first_block_frames": block_frames})
-    return PackageStage(width, height, fps=fps, config=cfg, start_block=start_block)
-
-
-def output_size(models: LiveAvatarModels, image_rgb: np.ndarray) -> tuple[int, int]:
-    """(H, W) of the video for this image under the configured area rule."""
-    cfg = models.config
-    return size_for_area(image_rgb.shape[0], image_rgb.shape[1], cfg.area, cfg.size_multiple)
-
-
-def prepare_sink(models: LiveAvatarModels, spec: SessionSpec) -> tuple[SinkInputs, tuple[int, int]]:
-    """Resize/crop the reference image, VAE-encode it and encode the prompt (once per session)."""
-    h, w = output_size(models, spec.image_rgb)
-    ref = prepare_reference(spec.image_rgb, h, w)
-    return encode_sink(models.vae, models.text, ref, spec.prompt, models.config.dit.motion_frames), (h, w)
+__all__ = ["BlockResult", "SequentialRunner", "SessionSpec", "generate_blocks"]
 
 
 class SequentialRunner:
-    """One session at a time through all stages in one process."""
+    """One session at a time through all stages in one process (a :class:`~pipeline_stages.runner.Runner`)."""
 
     def __init__(self, models: LiveAvatarModels, package: bool = True):
         self.models = models
@@ -89,15 +47,21 @@ class SequentialRunner:
         self.next_block = 0
         self._pcm = BlockPcm(self.audio.block_samples)
 
+    # ---- lifecycle (nothing to start or stop: the same shape as the TPP lane's) ------------------
+    def __enter__(self) -> SequentialRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
     # ---- session ----------------------------------------------------------------------------
     def start_session(self, spec: SessionSpec) -> bytes:
         """Prefill every stage; returns the MP4 init segment (empty without packaging)."""
-        self.spec = spec
-        self.sink, self.size = prepare_sink(self.models, spec)
-        self.start_from_sink(self.sink, self.size, spec)
-        return self.package.init_segment() if self.package is not None else b""
+        sink, size = prepare_sink(self.models, spec)
+        return self.start_session_from_sink(sink, size, spec)
 
-    def start_from_sink(self, sink: SinkInputs, size: tuple[int, int], spec: SessionSpec) -> None:
+    def start_session_from_sink(self, sink: SinkInputs, size: tuple[int, int], spec: SessionSpec) -> bytes:
+        """Prefill every stage from an encoded sink; ``size`` is the video's (H, W)."""
         self.spec, self.sink, self.size = spec, sink, size
         for stage in self.denoise:
             stage.start_session(sink, spec.seed, spec.options, spec.leads)
@@ -109,6 +73,7 @@ class SequentialRunner:
             cfg = self.models.config
             self.package = make_package_stage(size[1], size[0], cfg.fps, cfg.audio.block_frames,
                                               tiny=size[0] * size[1] <= 128 * 128)
+        return self.package.init_segment() if self.package is not None else b""
 
     # ---- audio in, blocks out ---------------------------------------------------------------
     def push_audio(self, pcm: np.ndarray) -> list[BlockResult]:
@@ -117,22 +82,25 @@ class SequentialRunner:
         self._pcm.push(pcm)
         return [self._run(feats) for feats in self.audio.push(pcm)]
 
+    def collect(self, block: bool) -> list[BlockResult]:
+        """Always empty: :meth:`push_audio` returns every block it completes at once."""
+        return []
+
     def finish(self) -> list[BlockResult]:
         """Zero-pad the last partial block of audio and run it."""
         self._pcm.pad_partial()
         return [self._run(feats) for feats in self.audio.flush()]
 
-    def generate(self, pcm: np.ndarray):
+    def generate(self, pcm: np.ndarray) -> Iterator[BlockResult]:
         """The whole audio, fed one block at a time, yielding each block as it is made."""
         n = self.audio.block_samples
         for i in range(0, len(pcm), n):
             yield from self.push_audio(pcm[i:i + n])
         yield from self.finish()
 
-    def close(self) -> bytes:
+    def close_session(self) -> bytes:
+        """The packager's last bytes (empty without packaging)."""
         return self.package.close() if self.package is not None else b""
-
-    close_session = close          # the same name as the TPP lane's
 
     def run_block(self, block_index: int, audio_features: Tensor, noise: Tensor | None = None) -> Tensor:
         """Denoise one block through the 4 stages in order; returns its final latent."""
@@ -146,9 +114,10 @@ class SequentialRunner:
         for stage in self.denoise:
             x = stage.run(block_index, x, audio_features)
             steps.append(x)
-        if block_index == 0:
+        anchor = anchor_from_block(block_index, x)
+        if anchor is not None:
             for stage in self.denoise:
-                stage.set_anchor(x)
+                stage.set_anchor(anchor)
         self._last_steps = steps
         return x
 

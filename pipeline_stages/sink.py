@@ -13,12 +13,19 @@ the services store per session (Redis) and ship to a lane that takes the session
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from models.inputs import prepare_reference, size_for_area
 from models.text_encoder import TextEncoder
 from models.vae import WanVAE
+
+if TYPE_CHECKING:
+    from models.liveavatar import LiveAvatarModels
+    from pipeline_stages.runner import SessionSpec
 
 
 @dataclass
@@ -49,3 +56,19 @@ def encode_sink(vae: WanVAE, text: TextEncoder, image: Tensor, prompt: str, moti
     motion_latents = vae.encode(video.expand(-1, -1, motion_frames, -1, -1).contiguous())  # [1, C, 19, h, w]
     context = text.encode_prompt(prompt)[None]                                              # [1, Lt, text_dim]
     return SinkInputs(ref_latent, motion_latents, context)
+
+
+def output_size(models: LiveAvatarModels, image_rgb: np.ndarray) -> tuple[int, int]:
+    """(H, W) of the video for this image under the configured area rule."""
+    cfg = models.config
+    return size_for_area(image_rgb.shape[0], image_rgb.shape[1], cfg.area, cfg.size_multiple)
+
+
+def prepare_sink(models: LiveAvatarModels, spec: SessionSpec) -> tuple[SinkInputs, tuple[int, int]]:
+    """Resize/crop the reference image, VAE-encode it and encode the prompt (once per session).
+
+    Returns the sink and the video's (H, W). ``models`` needs its VAE and text encoder.
+    """
+    h, w = output_size(models, spec.image_rgb)
+    ref = prepare_reference(spec.image_rgb, h, w)
+    return encode_sink(models.vae, models.text, ref, spec.prompt, models.config.dit.motion_frames), (h, w)

@@ -18,11 +18,29 @@ def _torch_determinism():
 
 
 @pytest.fixture(scope="session")
-def shared_examples():
-    """The real example inputs in ../shared/examples (reference images and 24 kHz speech)."""
-    from pathlib import Path
+def examples():
+    """The example inputs bundled in the repository's examples/ folder (reference photos, 24 kHz speech,
+    and the held-out synthetic faces in examples/faces/)."""
+    from services.common.examples import examples_dir
 
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "examples"
+    path = examples_dir()
     if not path.is_dir():
-        pytest.fail(f"the shared examples are missing: {path}")
+        pytest.fail(f"the examples folder is missing: {path}")
     return path
+
+
+#: The tiers of pytest.ini; every test belongs to at least one, set once per module with ``pytestmark``.
+TIERS = ("unit", "integration", "e2e", "gpu")
+
+
+def untiered(items) -> list[str]:
+    """The node ids of collected tests that carry no tier marker."""
+    return [item.nodeid for item in items if not any(item.get_closest_marker(t) for t in TIERS)]
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test without a tier marker would silently drop out of every tiered run (``-m unit``): refuse it."""
+    missing = untiered(items)
+    if missing:
+        raise pytest.UsageError("tests without a tier marker (add `pytestmark = pytest.mark.<tier>` to the "
+                                f"module; tiers: {', '.join(TIERS)}):\n  " + "\n  ".join(missing[:20]))

@@ -15,7 +15,7 @@ size are brought to the probe size first (:func:`models.quality.probes.to_probe_
 What each number means:
 
 - ``sync``: :func:`models.quality.metrics.sync` of the probe's mouth opening against
-  :func:`models.training.synthetic.mouth_envelope` of the audio (the envelope the synthetic mouths
+  :func:`models.mouth.mouth_envelope` of the audio (the envelope the synthetic mouths
   follow), over the whole video; ``sync_windows``: the same per window.
 - ``identity``: cosine similarity of each frame's identity embedding to the reference image's,
   summarised (mean, first window, at 1 minute / 1 hour, drift slope per minute).
@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from models.mouth import SAMPLE_RATE, mouth_envelope
 from models.quality import metrics as M
 from models.quality.probes import Probes
 
@@ -135,7 +136,7 @@ class QualityReport:
 
 
 class _Envelope:
-    """Streaming :func:`~models.training.synthetic.mouth_envelope`, equal to computing it on the
+    """Streaming :func:`~models.mouth.mouth_envelope`, equal to computing it on the
     whole audio with ``num_frames`` = the video's frame count.
 
     The envelope smooths over a frame's neighbours, so frame ``t`` is final once frame ``t + 1``
@@ -158,8 +159,6 @@ class _Envelope:
 
     def _compute(self, upto: int, end: bool) -> None:
         """Finalise frames ``done .. upto - 1``; ``end``: ``upto`` is the video's last frame + 1."""
-        from models.training.synthetic import mouth_envelope
-
         if upto <= self.done:
             return
         last = upto if end else upto + 1           # frames fed: the right neighbour too, unless at the end
@@ -199,8 +198,6 @@ class Evaluator:
     def __init__(self, probes: Probes, reference: np.ndarray, fps: int = 25, window_s: float = 10.0,
                  max_offset: int = 15, at_seconds: Sequence[float] = (60.0, 3600.0), gt_motion: Any = None,
                  gt_head_seeds: int = 32, gt_head_seconds: float = 60.0):
-        from models.training.synthetic import SAMPLE_RATE
-
         # 1. settings
         if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or fps < 1 or SAMPLE_RATE % fps:
             raise EvaluationError(f"fps must be a positive integer dividing {SAMPLE_RATE}, got {fps!r}")

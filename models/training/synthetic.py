@@ -7,8 +7,8 @@ opens with the loudness of the audio, a slow head sway and occasional blinks, at
 - :func:`face_params` turns ``(identity, seed)`` into a :class:`FaceParams` (skin, hair style and
   colour, eyes, face shape, jaw, lips, brows, nose, background, accessory, head offset). About a
   thousand identities look distinct at 64x64.
-- :func:`mouth_envelope` is THE audio envelope: per video frame loudness in [0, 1]. It drives the
-  mouth here and is what the lip-sync metric correlates against.
+- :func:`models.mouth.mouth_envelope` is THE audio envelope: per video frame loudness in [0, 1]. It
+  drives the mouth here and is what the lip-sync metric correlates against.
 - :func:`make_motion` builds the per-frame :class:`Motion` (mouth, head sway, blinks) of a clip.
 - :func:`render_frame` draws one uint8 frame; :func:`render_clip` a whole clip.
 - :func:`sample_clip` and :class:`SyntheticDataset` produce training samples deterministically.
@@ -32,18 +32,9 @@ from functools import lru_cache
 
 import numpy as np
 
-FPS = 25
-SAMPLE_RATE = 16000
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
-DEFAULT_SIZE = 64
+from models.mouth import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, mouth_envelope
 
-# Envelope: frame RMS in dBFS is mapped linearly from ENVELOPE_FLOOR_DB (-> 0) to ENVELOPE_LOUD_DB
-# (-> 1). Real speech frames sit around -30 dBFS (median) to -18 dBFS (90th percentile), silence
-# below -50 dBFS, so speech opens the mouth about half-way and loud syllables fully.
-ENVELOPE_FLOOR_DB = -45.0
-ENVELOPE_LOUD_DB = -15.0
-ENVELOPE_SMOOTHING = (0.25, 0.5, 0.25)  # symmetric: smoothing adds no lag
-_MIN_RMS = 1e-10
+DEFAULT_SIZE = 64
 
 # Geometry constants (fractions of the image side).
 HEAD_CENTER_Y = 0.47  # default head centre row; FaceParams.head_x / head_y offset it
@@ -242,7 +233,7 @@ def face_params(identity: int, seed: int = 0) -> FaceParams:
 
 
 # ---------------------------------------------------------------------------------------------
-# Audio envelope and motion
+# Motion (the mouth follows models.mouth.mouth_envelope)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -254,48 +245,6 @@ def _check_pcm(pcm) -> np.ndarray:
     if not np.isfinite(pcm).all():
         raise SyntheticError("pcm contains NaN or inf samples")
     return pcm
-
-
-def mouth_envelope(pcm: np.ndarray, num_frames: int | None = None, fps: int = FPS,
-                   sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Per-video-frame loudness of speech, ``[N]`` float PCM -> ``[T]`` float32 in [0, 1].
-
-    Frame ``t`` covers samples ``[t * spf, (t + 1) * spf)`` with ``spf = sample_rate // fps``
-    (640 at 16 kHz, 25 fps); samples past the end of ``pcm`` count as silence.
-
-    1. ``rms_t = sqrt(mean(x[t * spf:(t + 1) * spf] ** 2))``.
-    2. ``db_t = 20 log10(rms_t)`` (absolute dBFS, so the value of a frame depends only on its own
-       samples: cropping a clip does not change the envelope of the frames kept).
-    3. ``level_t = clip((db_t - ENVELOPE_FLOOR_DB) / (ENVELOPE_LOUD_DB - ENVELOPE_FLOOR_DB), 0, 1)``:
-       0 at -45 dBFS and below, 1 at -15 dBFS and above.
-    4. Light symmetric smoothing ``[0.25, 0.5, 0.25]`` over frames (edges repeated), no lag.
-
-    Silence (all zeros) gives exactly 0. ``num_frames`` defaults to ``ceil(N / spf)``.
-    """
-    pcm = _check_pcm(pcm)
-    fps, sample_rate = _check_int("fps", fps, 1), _check_int("sample_rate", sample_rate, 1)
-    if sample_rate % fps:
-        raise SyntheticError(f"sample_rate {sample_rate} is not a whole number of samples per "
-                             f"frame at {fps} fps")
-    spf = sample_rate // fps
-    if num_frames is None:
-        num_frames = -(-pcm.shape[0] // spf)
-    num_frames = _check_int("num_frames", num_frames)
-    # 1. frame the signal (zero-padded to whole frames): [N] -> [T, spf]
-    x = np.zeros(num_frames * spf, dtype=np.float64)
-    n = min(x.shape[0], pcm.shape[0])
-    x[:n] = pcm[:n]
-    rms = np.sqrt(np.mean(x.reshape(num_frames, spf) ** 2, axis=1))  # [T]
-    # 2-3. dBFS -> [0, 1]
-    db = 20.0 * np.log10(np.maximum(rms, _MIN_RMS))
-    level = np.clip((db - ENVELOPE_FLOOR_DB) / (ENVELOPE_LOUD_DB - ENVELOPE_FLOOR_DB), 0.0, 1.0)
-    if num_frames == 0:
-        return level.astype(np.float32)
-    # 4. smoothing
-    half = len(ENVELOPE_SMOOTHING) // 2
-    padded = np.pad(level, half, mode="edge")
-    smooth = np.convolve(padded, np.asarray(ENVELOPE_SMOOTHING), mode="valid")  # [T]
-    return np.clip(smooth, 0.0, 1.0).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -345,7 +294,7 @@ def make_motion(pcm: np.ndarray, num_frames: int, seed: int, size: int = DEFAULT
     scale = size / DEFAULT_SIZE
     t = np.arange(num_frames, dtype=np.float64) / FPS  # [T] seconds
     # 1. mouth
-    mouth = mouth_envelope(pcm, num_frames)
+    mouth = mouth_envelope(_check_pcm(pcm), num_frames)
     # 2. sway and nod
     amplitude = rng.uniform(*SWAY_AMPLITUDE_PX) * scale
     head_dx = _sway(rng, t, amplitude)

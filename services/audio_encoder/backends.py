@@ -1,7 +1,8 @@
 """Where the audio encoder's wav2vec2 runs: in this process (torch) or on a Triton Inference Server.
 
-The audio-encoder worker cuts each session's PCM into streaming blocks (7,680 samples = 0.48 s at
-16 kHz) and asks a backend for the block's features. Every backend has the same small interface,
+The audio-encoder worker's audio stage (:class:`pipeline_stages.audio_stage.AudioStage`) cuts each
+session's PCM into streaming blocks (7,680 samples = 0.48 s at 16 kHz) and asks a backend for the
+block's features. Every backend has the same small interface,
 :class:`AudioFeatureBackend`::
 
     backend = make_backend("torch", encoder=encoder)              # in process

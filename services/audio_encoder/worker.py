@@ -4,8 +4,9 @@ Per session, in the order the events arrive on its partition:
 
 - ``start``: encode the sink once (reference image -> VAE latents, prompt -> umT5), store it in Redis,
   claim an idle lane, and send a ``start`` marker to that lane's partition of ``audio-features``;
-- ``pcm`` chunk ``seq``: append to the session's PCM; every completed 7,680-sample block becomes one
-  ``block`` message (features + the block's PCM) with a monotonic block index;
+- ``pcm`` chunk ``seq``: feed the session's :class:`~pipeline_stages.audio_stage.AudioStage`; every
+  7,680-sample block it completes becomes one ``block`` message (features + the block's PCM, kept by a
+  :class:`~pipeline_stages.audio_stage.BlockPcm`) with a monotonic block index;
 - ``end_utterance``: zero-pad and send the partial block at once (no waiting for more audio);
 - ``interrupt``: drop the partial block and mark every block sent so far as dropped (``drop_until`` in
   the cursor); the lane replaces dropped blocks it has not started with silence, so the avatar goes
@@ -19,7 +20,8 @@ duplicates, and the pending PCM is restored, so every block is produced once wit
 (a crash between flush and cursor write re-produces identical blocks, which the lane drops).
 
 The session API never imports torch, so the sink is encoded here: this service holds the encoders
-(wav2vec2, the VAE encoder and umT5).
+(wav2vec2, the VAE encoder and umT5). The stage encodes each block through the configured backend
+(in process, or a Triton server), so both give the features of the single-process run.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ import numpy as np
 import torch
 
 from infra import topics
+from models.audio_encoder import AudioEncoderConfig
 from models.inputs import InputError, load_image
 from models.liveavatar import LiveAvatarConfig, build_models, default_checkpoint
+from pipeline_stages.audio_stage import AudioStage, BlockPcm
 from pipeline_stages.sequential import SessionSpec as _Spec
-from pipeline_stages.sequential import prepare_sink
+from pipeline_stages.sink import prepare_sink
+from services.audio_encoder.backends import AudioFeatureBackend, make_backend
 from services.common.health import BLOCK_LATENCY, BLOCKS, DUPLICATES
 from services.common.kafka import make_consumer, make_producer
 from services.common.logging import get_logger
@@ -54,16 +59,34 @@ class AudioEncoderSettings(WorkerSettings):
     group_id: str = "audio-encoder"
 
 
+class _TimedBlocks:
+    """The feature backend seen as the audio stage's block encoder; observes each block's latency."""
+
+    def __init__(self, backend: AudioFeatureBackend, config: AudioEncoderConfig):
+        self.backend, self.config = backend, config
+
+    def encode_block(self, block: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        feats = self.backend.encode_block(block.numpy())                 # [7680] -> [L, D, 12]
+        BLOCK_LATENCY.labels(SERVICE, "audio").observe(time.perf_counter() - t0)
+        return torch.from_numpy(np.asarray(feats, np.float32))
+
+
 @dataclass
 class SessionCtx:
     session_id: str
     tenant_id: str
+    audio: AudioStage                           # PCM -> features of each completed block
+    pcm: BlockPcm                               # PCM of the blocks not sent yet (the partial block)
     lane: str = ""
     partition: int = -1
     last_seq: int = -1                          # last audio chunk handled
-    next_block: int = 0
-    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))   # PCM of the partial block
     waiting: list = field(default_factory=list)  # events held while no lane is free
+
+    @property
+    def next_block(self) -> int:
+        """Index of the next block to send."""
+        return self.pcm.next_block
 
 
 class AudioEncoderWorker:
@@ -74,27 +97,17 @@ class AudioEncoderWorker:
         self.models = build_models(self.config, seed=settings.weights_seed,
                                    checkpoint=default_checkpoint(settings.model, settings.checkpoint),
                                    parts={"audio", "vae", "text"})
-        self.backend = self._make_backend()
+        self.backend = make_backend(settings.backend, encoder=self.models.audio, url=settings.triton_url,
+                                    wait_ready_s=60.0 if settings.backend == "triton" else 0.0)
+        self.blocks = _TimedBlocks(self.backend, self.models.audio.config)
         self.block_samples = self.config.audio.block_samples
-        self.store = StateStore.from_url(settings.redis_url.get_secret_value(), namespace=settings.redis_namespace)
-        self.producer = make_producer(settings.kafka_bootstrap)
-        self.consumer = make_consumer(settings.kafka_bootstrap, settings.group_id, [topics.name(topics.AUDIO)],
+        self.store = StateStore.from_settings(settings)
+        self.producer = make_producer(settings.kafka())
+        self.consumer = make_consumer(settings.kafka(), settings.group_id, [topics.name(topics.AUDIO)],
                                       max_poll_records=64)
         self.sessions: dict[str, SessionCtx] = {}
         self.stop = GracefulStop()
         self.ready = False
-
-    def _make_backend(self):
-        try:
-            from services.audio_encoder.backends import make_backend
-        except ImportError:     # the backends module is optional at import time in a partial checkout
-            make_backend = None
-        if make_backend is not None:
-            return make_backend(self.s.backend, encoder=self.models.audio, url=self.s.triton_url,
-                                wait_ready_s=60.0 if self.s.backend == "triton" else 0.0)
-        if self.s.backend != "torch":
-            raise RuntimeError(f"backend {self.s.backend!r} is not available")
-        return _TorchBlocks(self.models.audio)
 
     # ---- loop ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -132,7 +145,7 @@ class AudioEncoderWorker:
         if h.kind == "start":
             self._start(ctx, h)
         elif h.kind == "pcm":
-            pcm = msg.tensors["pcm"].numpy().astype(np.float32, copy=False)
+            pcm = np.array(msg.tensors["pcm"].numpy(), np.float32)       # writable: the stage hands it to torch
             self._pcm(ctx, pcm, h.seq)
         elif h.kind == "end":
             self._end(ctx, h.seq)
@@ -141,7 +154,7 @@ class AudioEncoderWorker:
             self.producer.flush()
             self._checkpoint(ctx, h.seq)
         elif h.kind == "interrupt":            # drop queued audio: the partial block here, queued blocks at the lane
-            ctx.pending = np.zeros(0, np.float32)
+            self._new_stream(ctx, ctx.next_block)
             self.store.set_cursor(ctx.session_id, drop_until=ctx.next_block - 1)
             self._checkpoint(ctx, h.seq)
 
@@ -149,12 +162,15 @@ class AudioEncoderWorker:
         ctx = self.sessions.get(h.session_id)
         if ctx is not None:
             return ctx
-        ctx = SessionCtx(h.session_id, h.tenant_id)
+        ctx = SessionCtx(h.session_id, h.tenant_id, AudioStage(self.blocks), BlockPcm(self.block_samples))
+        self._new_stream(ctx, 0)
         cur = self.store.get_cursor(h.session_id)          # restart: resume from the cursor
         if cur:
             ctx.last_seq = int(cur.get("audio_seq", -1))
-            ctx.next_block = int(cur.get("features_block", -1)) + 1
-            ctx.pending = np.frombuffer(cur.get("audio_pending", b""), dtype="<f4").copy()
+            self._new_stream(ctx, int(cur.get("features_block", -1)) + 1)
+            pending = np.frombuffer(cur.get("audio_pending", b""), dtype="<f4").copy()
+            ctx.pcm.push(pending)
+            ctx.audio.push(pending)                        # less than one block: completes none
         rec = self.store.get_session(h.session_id)
         if rec is not None and rec.lane and self.store.lane_session(rec.lane) == h.session_id and cur:
             ctx.lane, ctx.partition = rec.lane, int(cur.get("lane_partition", -1))
@@ -215,31 +231,34 @@ class AudioEncoderWorker:
                     for msg in held:
                         self._dispatch(ctx, msg)
 
+    def _new_stream(self, ctx: SessionCtx, first_block: int) -> None:
+        """Start the session's audio afresh (no partial block) at block ``first_block``."""
+        ctx.audio.start_session()
+        ctx.pcm = BlockPcm(self.block_samples, first_block)
+
     def _pcm(self, ctx: SessionCtx, pcm: np.ndarray, seq: int) -> None:
-        ctx.pending = np.concatenate([ctx.pending, pcm])
-        n = self.block_samples
-        while len(ctx.pending) >= n:
-            self._block(ctx, ctx.pending[:n])
-            ctx.pending = ctx.pending[n:]
+        ctx.pcm.push(pcm)
+        for feats in ctx.audio.push(pcm):
+            self._block(ctx, feats)
         self.producer.flush()                  # features durable before the cursor moves
         self._checkpoint(ctx, seq)
 
-    def _block(self, ctx: SessionCtx, pcm: np.ndarray) -> None:
-        t0 = time.perf_counter()
-        feats = self.backend.encode_block(pcm)                           # [L, D, 12]
-        BLOCK_LATENCY.labels(SERVICE, "audio").observe(time.perf_counter() - t0)
+    def _block(self, ctx: SessionCtx, feats: torch.Tensor) -> None:
+        """Send the next block: its features [1, L, D, 12] and its PCM [7680]."""
         BLOCKS.labels(SERVICE, "audio").inc()
-        header = Features(session_id=ctx.session_id, tenant_id=ctx.tenant_id, seq=ctx.next_block, kind="block",
+        index = ctx.next_block
+        pcm = ctx.pcm.take(index)
+        header = Features(session_id=ctx.session_id, tenant_id=ctx.tenant_id, seq=index, kind="block",
                           lane_id=ctx.lane)
-        self._send(ctx, header, {"features": Tensor.from_numpy(np.asarray(feats, np.float32)[None]),
+        self._send(ctx, header, {"features": Tensor.from_numpy(np.asarray(feats, np.float32)),
                                  "pcm": Tensor.from_numpy(np.ascontiguousarray(pcm, np.float32))})
-        ctx.next_block += 1
 
     def _flush_partial(self, ctx: SessionCtx) -> None:
-        if len(ctx.pending):
-            pad = np.zeros(self.block_samples - len(ctx.pending), np.float32)
-            self._block(ctx, np.concatenate([ctx.pending, pad]))
-            ctx.pending = np.zeros(0, np.float32)
+        """Zero-pad and send the partial block, if any; the session's audio goes on from the next block."""
+        ctx.pcm.pad_partial()
+        for feats in ctx.audio.flush():
+            self._block(ctx, feats)
+        ctx.audio.start_session()
 
     def _end(self, ctx: SessionCtx, seq: int) -> None:
         self._flush_partial(ctx)
@@ -256,20 +275,5 @@ class AudioEncoderWorker:
     def _checkpoint(self, ctx: SessionCtx, seq: int) -> None:
         ctx.last_seq = seq
         self.store.set_cursor(ctx.session_id, audio_seq=seq, features_block=ctx.next_block - 1,
-                              audio_pending=ctx.pending.astype("<f4").tobytes())
+                              audio_pending=ctx.pcm.buf.astype("<f4").tobytes())
 
-
-class _TorchBlocks:
-    """In-process fallback backend: the wav2vec2 encoder on this process's device."""
-
-    name = "torch"
-
-    def __init__(self, encoder):
-        self.encoder = encoder
-
-    def encode_block(self, pcm: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return self.encoder.encode_block(torch.from_numpy(np.ascontiguousarray(pcm))).float().numpy()
-
-    def close(self) -> None:
-        pass

@@ -7,7 +7,6 @@ Single process by default (the sequential runner); ``--tpp`` runs the same job t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -18,7 +17,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image", required=True, help="reference image (JPEG, PNG, ...)")
+    p.add_argument("--image", required=True, help="reference image (JPEG, PNG, ...); the bundled tiny model "
+                   "animates synthetic 64x64 faces such as examples/faces/face_812.png, not photos")
     p.add_argument("--audio", required=True, help="speech (WAV int16/float, FLAC, OGG, MP3; any rate, mono or stereo)")
     p.add_argument("--prompt", default="", help="text prompt, encoded once")
     p.add_argument("--config", default="tiny-trained", help="'tiny-trained' (the shipped trained checkpoint), 'tiny' "
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "checkpoint for tiny-trained, the directory itself when the config is a trained bundle, "
                    "seeded random weights otherwise")
     p.add_argument("--lora", default=None, help="PEFT LoRA file (liveavatar.safetensors), merged at load time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="generation seed (same seed, same video; default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 on CPU, bf16 on GPU")
     p.add_argument("--dump-latents", default=None, help="write every block's final latent to this safetensors file")
@@ -60,8 +60,8 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models.inputs import load_audio, load_image
-    from models.liveavatar import LiveAvatarConfig, build_models, default_checkpoint
-    from pipeline_stages.sequential import SequentialRunner, SessionSpec
+    from models.liveavatar import LiveAvatarConfig, default_checkpoint
+    from pipeline_stages.runner import SessionSpec, open_runner
 
     # 1. inputs first: bad input fails before any model is built
     image = load_image(Path(args.image).read_bytes() if Path(args.image).is_file() else args.image,
@@ -90,15 +90,10 @@ def _run(args: argparse.Namespace) -> int:
     latents: dict[str, torch.Tensor] = {}
     frames = 0
     bar = tqdm(total=n_blocks, unit="block", disable=args.no_progress, file=sys.stderr)
-    if args.tpp:    # the same job through a 5-process lane; the parent only encodes audio and packages
-        from pipeline_stages.tpp import TPPLane
-
-        runner = TPPLane(config, device=args.device, dtype=dtype, seed=args.seed, checkpoint=checkpoint,
-                         lora=args.lora, threads_per_rank=args.threads or 1, decode_threads=args.decode_threads)
-    else:
-        models = build_models(config, device=device, dtype=dtype, seed=args.seed, checkpoint=checkpoint,
-                              lora=args.lora)
-        runner = contextlib.nullcontext(SequentialRunner(models))
+    # with --tpp the same job runs through a 5-process lane; this process only encodes audio and packages
+    runner = open_runner(config, lane=args.tpp, device=args.device, dtype=dtype, seed=args.seed,
+                         checkpoint=checkpoint, lora=args.lora, threads=args.threads or 1,
+                         decode_threads=args.decode_threads)
     with open(out, "wb") as f, runner as r:
         t_start = time.monotonic()
         f.write(r.start_session(spec))

@@ -2,9 +2,9 @@
 
 ``up`` starts the broker and Redis (``infra/local``), creates the topics, then starts the service
 supervisor (audio-encoder, stream-packager, ``--lanes N`` lanes of 5 processes each, and the session
-API when it is built) and returns once every service answers ``/readyz``. Logs and pid files live in
-one run directory. ``status`` lists every service with its health and exits non-zero if any is down;
-``down`` stops everything ``up`` started and leaves no process behind.
+API unless ``api=False``) and returns once every service answers ``/readyz``. Logs and pid files live in
+one run directory. ``status`` lists every service with its health (the CLI exits non-zero if any is
+down); ``down`` stops everything ``up`` started and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def service_status(run_dir: Path) -> dict[str, dict]:
     return out
 
 
-def up(run_dir: Path, lanes: int = 1, timeout_s: float = 300.0, api: bool | None = None,
+def up(run_dir: Path, lanes: int = 1, timeout_s: float = 300.0, api: bool = True,
        env: dict[str, str] | None = None) -> dict:
     """Start everything; returns {"infra": StackInfo, "services": status}. Idempotent if already up."""
     run_dir = run_dir.resolve()
@@ -62,8 +62,6 @@ def up(run_dir: Path, lanes: int = 1, timeout_s: float = 300.0, api: bool | None
     pid_file = run_dir / SUPERVISOR_PID
     if pid_file.exists() and pid_alive(int(pid_file.read_text())):
         return {"infra": info, "services": service_status(run_dir)}
-    if api is None:
-        api = _api_built()
     child_env = {**os.environ, **(env or {}), "LIVEAVATAR_KAFKA_BOOTSTRAP": info.kafka_bootstrap,
                  "LIVEAVATAR_REDIS_URL": info.redis_url, "LIVEAVATAR_JSON_LOGS": "true",
                  "LIVEAVATAR_RUN_DIR": str(run_dir)}
@@ -84,12 +82,6 @@ def up(run_dir: Path, lanes: int = 1, timeout_s: float = 300.0, api: bool | None
         time.sleep(0.5)
     down(run_dir)
     raise StackError(f"services not ready within {timeout_s:.0f} s; logs in {run_dir}")
-
-
-def _api_built() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("services.session_api.__main__") is not None
 
 
 def down(run_dir: Path, timeout_s: float = 60.0) -> list[str]:
@@ -124,23 +116,22 @@ def _all_pids(run_dir: Path) -> list[int]:
     return pids
 
 
-def print_status(run_dir: Path) -> int:
+def status(run_dir: Path) -> list[dict]:
+    """One row per part of the stack (broker, Redis, then every service): name, ready, address, detail.
+
+    Empty when nothing was ever started in ``run_dir``; a ``services`` row that is not ready when the
+    infrastructure runs without a supervisor.
+    """
     run_dir = run_dir.resolve()
-    ok = True
     infra = LocalStack(run_dir).status()
     if not infra:
-        print(f"nothing running in {run_dir}")
-        return 1
-    for name, s in infra.items():
-        state = "ready" if s["ready"] else "DOWN"
-        ok &= s["ready"]
-        print(f"{name:16s} {state:6s} {s['address']}")
+        return []
+    rows = [{"name": name, "ready": s["ready"], "address": s["address"], "pid": s["pid"]} for name, s in infra.items()]
     svcs = service_status(run_dir)
     if not svcs:
-        print("services         DOWN   (no supervisor)")
-        ok = False
+        rows.append({"name": "services", "ready": False, "address": "", "detail": "no supervisor"})
     for name, s in svcs.items():
-        state = "ready" if s["ready"] else "DOWN"
-        ok &= s["ready"]
-        print(f"{name:16s} {state:6s} health on {', '.join(str(p) for p in s['ports'])}  restarts {s['restarts']}")
-    return 0 if ok else 1
+        scheme = "http://" if name == "session-api" else ""
+        rows.append({"name": name, "ready": s["ready"], "address": ", ".join(f"{scheme}{LOOPBACK}:{p}" for p in s["ports"]),
+                     "pid": s["pid"], "restarts": s["restarts"], "log": s["log"]})
+    return rows

@@ -23,8 +23,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="working directory: stage checkpoints, caches, logs")
-    p.add_argument("--examples", default=None, help="folder with the example WAVs (default ../shared/examples "
-                   "next to the repository, when present)")
+    p.add_argument("--examples", default=None, help="folder with the example WAVs (default: the repository's "
+                   "examples/, or $LIVEAVATAR_EXAMPLES_DIR)")
     p.add_argument("--quick", action="store_true", help="a few steps of every stage (smoke test)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field, e.g. --set teacher_steps=500 (repeatable)")
@@ -51,7 +51,9 @@ def _overrides(cfg, pairs: list[str]):
 
 
 def default_examples() -> Path | None:
-    here = Path(__file__).resolve().parents[2] / ".." / "shared" / "examples"
+    from services.common.examples import examples_dir
+
+    here = examples_dir()
     return here.resolve() if here.is_dir() else None
 
 

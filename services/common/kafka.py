@@ -9,44 +9,81 @@ Broker behaviour we design around (Tansu, kafka-python 3.0.12):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from kafka.net.selector import NetworkSelector
+
+from infra.topics import CLIENT_MAX_MESSAGE_BYTES, TopicSpec
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """How to reach the brokers: bootstrap servers plus the security settings, for kafka-python clients.
+
+    Built from the settings (``LiveAvatarSettings.kafka()``); a bare bootstrap string means PLAINTEXT
+    (the local broker). The password never appears in ``repr``.
+    """
+
+    bootstrap: str
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+
+    @classmethod
+    def of(cls, kafka: KafkaConnection | str) -> KafkaConnection:
+        return kafka if isinstance(kafka, KafkaConnection) else cls(kafka)
+
+    def client_config(self) -> dict:
+        """kafka-python keyword arguments shared by producers, consumers and admin clients."""
+        cfg: dict = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}
+        if self.security_protocol.endswith("SSL"):
+            cfg["ssl_check_hostname"] = True
+            if self.ssl_cafile:
+                cfg["ssl_cafile"] = self.ssl_cafile
+        if self.security_protocol.startswith("SASL_"):
+            cfg.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                       sasl_plain_password=self.sasl_password)
+        return cfg
+
+
+# kafka-python 3's network selector logs "Task ... is blocking the event loop" whenever one step of its
+# own I/O tasks (reading and parsing a broker response) takes more than 0.1 s of wall time: a debugging
+# aid like asyncio's slow-callback warning. Such a step takes 20-30 ms here, so the warning fires when
+# the process waits for a core (a lane busy on the same CPUs), not because anything blocks; it reached
+# the demo's output and the services' logs. The producer, consumer and admin constructors reject the
+# selector's setting, so it is set as the selector's default, before any client exists: 0 turns it off.
+NetworkSelector.DEFAULT_CONFIG["slow_task_threshold_secs"] = 0
 
 #: Consumer-group session timeout: the first join costs about half of it on Tansu.
 GROUP_SESSION_TIMEOUT_MS = 6000
 GROUP_HEARTBEAT_MS = 1000
 
 
-@dataclass(frozen=True)
-class TopicSpec:
-    """One topic: its name, partition count and retention."""
-
-    name: str
-    partitions: int
-    retention_ms: int = 3_600_000
-
-    def new_topic(self) -> NewTopic:
-        return NewTopic(
-            name=self.name, num_partitions=self.partitions, replication_factor=1,
-            topic_configs={"retention.ms": str(self.retention_ms)},
-        )
+def new_topic(spec: TopicSpec) -> NewTopic:
+    """The admin-client request that creates ``spec`` (one replica, its retention and message limit)."""
+    return NewTopic(
+        name=spec.name, num_partitions=spec.partitions, replication_factor=1,
+        topic_configs={"retention.ms": str(spec.retention_ms), "max.message.bytes": str(spec.max_message_bytes)},
+    )
 
 
-def ensure_topics(bootstrap: str, specs: list[TopicSpec]) -> list[str]:
+def ensure_topics(kafka: KafkaConnection | str, specs: list[TopicSpec]) -> list[str]:
     """Create the topics that do not exist yet; returns the names created.
 
     An existing topic with fewer partitions than asked is an error: the broker cannot add partitions.
     """
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="la-admin")
+    admin = KafkaAdminClient(**KafkaConnection.of(kafka).client_config(), client_id="la-admin")
     try:
         existing = set(admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
         if missing:
             try:
-                admin.create_topics([s.new_topic() for s in missing])
+                admin.create_topics([new_topic(s) for s in missing])
             except TopicAlreadyExistsError:
                 pass  # created concurrently by another process
         described = {
@@ -64,22 +101,24 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec]) -> list[str]:
         admin.close()
 
 
-def make_producer(bootstrap: str, **overrides) -> KafkaProducer:
+def make_producer(kafka: KafkaConnection | str, **overrides) -> KafkaProducer:
     """A producer that waits for the broker's ack and keeps per-key order (one in-flight request)."""
     cfg = dict(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=2, max_in_flight_requests_per_connection=1,
-        retries=5, max_request_size=16 * 1024 * 1024,
+        **KafkaConnection.of(kafka).client_config(), acks="all", linger_ms=2,
+        max_in_flight_requests_per_connection=1, retries=5, max_request_size=CLIENT_MAX_MESSAGE_BYTES,
     )
     cfg.update(overrides)
     return KafkaProducer(**cfg)
 
 
-def make_consumer(bootstrap: str, group_id: str | None, topics: list[str] | None = None, **overrides) -> KafkaConsumer:
+def make_consumer(kafka: KafkaConnection | str, group_id: str | None, topics: list[str] | None = None,
+                  **overrides) -> KafkaConsumer:
     """A consumer with the session timeout the broker needs; offsets are committed by the caller."""
     cfg = dict(
-        bootstrap_servers=bootstrap, group_id=group_id, auto_offset_reset="earliest", enable_auto_commit=False,
+        **KafkaConnection.of(kafka).client_config(), group_id=group_id, auto_offset_reset="earliest",
+        enable_auto_commit=False,
         session_timeout_ms=GROUP_SESSION_TIMEOUT_MS, heartbeat_interval_ms=GROUP_HEARTBEAT_MS,
-        max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=CLIENT_MAX_MESSAGE_BYTES, fetch_max_bytes=4 * CLIENT_MAX_MESSAGE_BYTES,
     )
     cfg.update(overrides)
     consumer = KafkaConsumer(**cfg)

@@ -91,8 +91,17 @@ class StateStore:
         self._claim = self.r.register_script(_CLAIM_LANE)
 
     @classmethod
-    def from_url(cls, url: str, **kw) -> StateStore:
-        return cls(redis.Redis.from_url(url), **kw)
+    def from_url(cls, url: str, ssl_ca_certs: str | None = None, **kw) -> StateStore:
+        """A store on ``url`` (``redis://`` or ``rediss://``, with a password if any); ``ssl_ca_certs`` is
+        the PEM CA bundle that verifies a ``rediss://`` server."""
+        options = {"ssl_ca_certs": ssl_ca_certs} if ssl_ca_certs else {}
+        return cls(redis.Redis.from_url(url, **options), **kw)
+
+    @classmethod
+    def from_settings(cls, settings, **kw) -> StateStore:
+        """A store from a service's settings: URL, TLS CA bundle and key namespace."""
+        kw.setdefault("namespace", settings.redis_namespace)
+        return cls.from_url(settings.redis_url.get_secret_value(), **settings.redis_options(), **kw)
 
     def k(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))

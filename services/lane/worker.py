@@ -4,7 +4,8 @@
 - ranks 1..steps-1: denoise steps, joined by ``torch.distributed`` only;
 - rank ``steps``: the VAE decoder; writes decoded blocks to ``frames`` and the cursor to Redis.
 
-The ranks are :func:`pipeline_stages.tpp.run_rank` with Kafka/Redis-backed sources and outputs.
+The ranks are :func:`pipeline_stages.tpp.run_rank` with Kafka/Redis-backed sources and outputs; which rank
+does what comes from :class:`pipeline_stages.tpp.LaneShape`.
 
 Restart (a rank died; the whole group is recreated, as LeaderWorkerSet's RecreateGroupOnPodRestart
 does and as ``services.lane.group`` does locally): the head finds in Redis the session its lane was
@@ -35,9 +36,14 @@ from pipeline_stages.tpp import (
     Block,
     BlockDone,
     EndSession,
+    LaneShape,
+    RankFailed,
+    RankReady,
+    RankReport,
     RankSpec,
     SessionEnded,
     SessionStarted,
+    Shutdown,
     StartSession,
     run_rank,
 )
@@ -71,6 +77,7 @@ class LaneSettings(WorkerSettings):
     lane_pool: str = "default"
     lane_stages: int = 4
     dist_rank: int = 0                       # LWS_WORKER_INDEX in a LeaderWorkerSet
+    dist_world_size: int | None = None       # LWS_GROUP_SIZE in a LeaderWorkerSet: checked against the lane's ranks
     dist_init_method: str = ""               # file:///path locally; tcp://<leader>:29500 in a cluster
     dist_master_addr: str = ""
     dist_master_port: int = 29500
@@ -83,6 +90,12 @@ class LaneSettings(WorkerSettings):
     emit_latents: bool = False               # also put each block's final latent on the frames topic (tests)
 
     def model_post_init(self, _ctx) -> None:
+        ranks = self.lane_stages + 1   # the denoise stages and the decoder
+        if self.dist_world_size is not None and self.dist_world_size != ranks:
+            raise ValueError(f"LIVEAVATAR_DIST_WORLD_SIZE={self.dist_world_size} but a lane of "
+                             f"{self.lane_stages} stages has {ranks} ranks (the LeaderWorkerSet size must match)")
+        if not 0 <= self.dist_rank < ranks:
+            raise ValueError(f"LIVEAVATAR_DIST_RANK={self.dist_rank} is outside the lane's ranks 0..{ranks - 1}")
         if self.lane_group_index is not None and self.lane_id_prefix:
             object.__setattr__(self, "lane_id", f"{self.lane_id_prefix}-{self.lane_group_index}")
             object.__setattr__(self, "lane_partition", self.lane_partition_base + self.lane_group_index)
@@ -112,7 +125,7 @@ class KafkaLaneSource:
     def __init__(self, s: LaneSettings, store: StateStore, config: LiveAvatarConfig):
         self.s, self.store, self.config = s, store, config
         self.tp = TopicPartition(topics.name(topics.AUDIO_FEATURES), s.lane_partition)
-        self.consumer = make_consumer(s.kafka_bootstrap, group_id=f"lane-{s.lane_id}", topics=None,
+        self.consumer = make_consumer(s.kafka(), group_id=f"lane-{s.lane_id}", topics=None,
                                       max_poll_records=2)   # read little ahead: interrupts act on what is queued
         self.consumer.assign([self.tp])
         self.pending: collections.deque = collections.deque()
@@ -248,7 +261,7 @@ class KafkaLaneOutput:
 
     def __init__(self, s: LaneSettings, store: StateStore):
         self.s, self.store = s, store
-        self.producer = make_producer(s.kafka_bootstrap)
+        self.producer = make_producer(s.kafka())
         self.tags: dict[int, tuple[str, str]] = {}
         self.t_last = time.monotonic()
 
@@ -297,23 +310,22 @@ class _LogReporter:
         self.rank = rank
         self.ready = False
 
-    def put(self, item) -> None:
-        kind = item[0]
-        if kind == "ready":
+    def put(self, item: RankReport) -> None:
+        if isinstance(item, RankReady):
             self.ready = True
             log.info("rank ready", rank=self.rank)
-        elif kind == "error":
-            log.error("rank failed", rank=self.rank, block=item[2], detail=item[3], peer=item[4])
+        elif isinstance(item, RankFailed):
+            log.error("rank failed", rank=self.rank, block=item.block_index, detail=item.detail, peer=item.peer)
 
 
 def run_lane_rank(s: LaneSettings) -> None:
     config = LiveAvatarConfig.load(s.model)
-    spec = RankSpec(rank=s.dist_rank, steps=s.lane_stages, config=config, init_method=s.init_method(),
+    spec = RankSpec(rank=s.dist_rank, shape=LaneShape(steps=s.lane_stages), config=config, init_method=s.init_method(),
                     device=s.device, dtype=s.dtype, weights_seed=s.weights_seed,
                     checkpoint=default_checkpoint(s.model, s.checkpoint),
                     timeout_s=s.rank_timeout_s, heartbeat_s=s.heartbeat_s, threads=s.threads,
                     decode_threads=s.decode_threads)
-    store = StateStore.from_url(s.redis_url.get_secret_value(), namespace=s.redis_namespace)
+    store = StateStore.from_settings(s)
     reporter = _LogReporter(s.dist_rank)
     port = s.health_port + s.dist_rank if s.health_port and s.health_port_by_rank else s.health_port
     health = HealthServer(s.health_host, port, lambda: reporter.ready, f"{SERVICE}-{spec.stage_name}").start()
@@ -337,7 +349,5 @@ class _StoppableSource:
 
     def get(self, timeout: float):
         if self.stop.stopping:
-            from pipeline_stages.tpp import Shutdown
-
             return Shutdown()
         return self.inner.get(timeout)

@@ -11,7 +11,7 @@ def main() -> None:
     settings = LaneControllerSettings()
     configure_logging(json_logs=settings.json_logs, level=settings.log_level)
     get_logger(SERVICE).info("config", **settings.log_safe())
-    store = StateStore.from_url(settings.redis_url.get_secret_value(), namespace=settings.redis_namespace)
+    store = StateStore.from_settings(settings)
     controller = LaneController(settings, kube_api_client(settings.kubeconfig), store)
     controller.run(GracefulStop().install())
 

@@ -3,7 +3,8 @@
 import uvicorn
 
 from services.common.logging import configure_logging, get_logger
-from services.session_api.app import ApiSettings, create_app
+from services.session_api.app import create_app
+from services.session_api.settings import ApiSettings
 
 
 def main() -> None:

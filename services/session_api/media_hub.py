@@ -1,11 +1,16 @@
-"""The session API's view of the ``media`` topic: per-session init segment and a buffer of recent fragments.
+"""The session API's view of the ``media`` topic, and the one media stream both media routes serve.
 
-One background thread reads every partition of ``media`` (no consumer group: every API replica sees
-every session) and keeps, per session, the init segment and the last ``buffer_blocks`` fragments.
-Clients read from it through :meth:`MediaHub.stream`, an async generator that yields the init segment
-first and then fragments in block order, from a given block on; a client that reconnects (resume) gets
-a fresh init segment and the fragments after the last block it was sent, as long as they are still
-buffered. Duplicate fragments (a restarted packager) are dropped here by block index.
+:class:`MediaHub`: one background thread reads every partition of ``media`` (no consumer group: every
+API replica sees every session) and keeps, per session, the init segment and the last ``buffer_blocks``
+fragments. Duplicate fragments (a restarted packager) are dropped here by block index. Sessions whose
+media ended (or that went quiet) are forgotten after a while, so memory stays flat.
+
+:class:`MediaStream`: one client connection's view of a session's media, used by both
+``GET /v1/sessions/{id}/media.mp4`` and ``WS /v1/sessions/{id}/media``. It yields the init segment first,
+then fragments in block order from a given block on, then the end (with the last audio); a client that
+reconnects (resume) gets a fresh init segment and the fragments after the last block delivered on any
+earlier connection, as long as they are still buffered. While it is open it counts as a media client of
+the session (no idle timeout then), and every piece it delivers counts as activity.
 """
 
 from __future__ import annotations
@@ -14,14 +19,19 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 from kafka import TopicPartition
 
 from infra import topics
-from services.common.kafka import make_consumer
+from services.common.kafka import KafkaConnection, make_consumer
 from services.common.logging import get_logger
 from services.common.messages import Media, WireError, decode
+
+if TYPE_CHECKING:
+    from services.session_api.state import SessionRuntime
 
 log = get_logger("session-api")
 
@@ -29,7 +39,7 @@ log = get_logger("session-api")
 @dataclass
 class SessionMedia:
     init: bytes = b""
-    fragments: OrderedDict = field(default_factory=OrderedDict)   # block -> bytes
+    fragments: OrderedDict[int, bytes] = field(default_factory=OrderedDict)   # block -> bytes
     ended: bool = False
     tail: bytes = b""
     last_block: int = -1
@@ -37,12 +47,26 @@ class SessionMedia:
     updated: float = field(default_factory=time.monotonic)
 
 
+@dataclass(frozen=True)
+class MediaPiece:
+    """One piece of a session's fMP4 stream: the init segment, a block's fragment, or the end (last audio)."""
+
+    kind: Literal["init", "fragment", "end"]
+    block: int                             # the fragment's block index; -1 for init and end
+    data: bytes
+
+    def header(self) -> dict:
+        """The JSON text message that precedes the piece's bytes on the media WebSocket."""
+        return {"type": self.kind, "block": self.block, "bytes": len(self.data)}
+
+
 class MediaHub:
-    def __init__(self, bootstrap: str, buffer_blocks: int = 64):
-        self.bootstrap, self.buffer_blocks = bootstrap, buffer_blocks
+    def __init__(self, kafka: KafkaConnection | str, buffer_blocks: int = 64, forget_ended_after_s: float = 300.0,
+                 forget_quiet_after_s: float = 3600.0):
+        self.kafka, self.buffer_blocks = kafka, buffer_blocks
+        self.forget_ended_after_s, self.forget_quiet_after_s = forget_ended_after_s, forget_quiet_after_s
         self.sessions: dict[str, SessionMedia] = {}
         self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="media-hub", daemon=True)
         self.ready = threading.Event()
@@ -53,10 +77,11 @@ class MediaHub:
 
     def stop(self) -> None:
         self._stop.set()
-        self.thread.join(timeout=5)
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
 
     def _run(self) -> None:
-        consumer = make_consumer(self.bootstrap, group_id=None)
+        consumer = make_consumer(self.kafka, group_id=None)
         name = topics.name(topics.MEDIA)
         tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
         consumer.assign(tps)
@@ -64,11 +89,15 @@ class MediaHub:
         for tp in tps:
             consumer.position(tp)
         self.ready.set()
+        next_sweep = time.monotonic()
         try:
             while not self._stop.is_set():
                 for recs in consumer.poll(timeout_ms=100).values():
                     for rec in recs:
                         self._add(rec.value)
+                if time.monotonic() >= next_sweep:
+                    self._sweep()
+                    next_sweep = time.monotonic() + 10
         finally:
             consumer.close()
 
@@ -80,7 +109,7 @@ class MediaHub:
             return
         h: Media = msg.header
         data = msg.tensors["data"].data if "data" in msg.tensors else b""
-        with self.cond:
+        with self.lock:
             sm = self.sessions.setdefault(h.session_id, SessionMedia())
             if h.kind == "init":
                 sm.init = sm.init or data
@@ -92,7 +121,15 @@ class MediaHub:
             elif h.kind == "end":
                 sm.ended, sm.tail = True, data
             sm.updated = time.monotonic()
-            self.cond.notify_all()
+
+    def _sweep(self) -> None:
+        """Forget sessions whose media ended a while ago, or that sent nothing for a long time."""
+        now = time.monotonic()
+        with self.lock:
+            gone = [sid for sid, sm in self.sessions.items()
+                    if now - sm.updated > (self.forget_ended_after_s if sm.ended else self.forget_quiet_after_s)]
+            for sid in gone:
+                del self.sessions[sid]
 
     def forget(self, session_id: str) -> None:
         with self.lock:
@@ -103,9 +140,10 @@ class MediaHub:
             sm = self.sessions.get(session_id)
             return -1 if sm is None else sm.delivered
 
-    async def stream(self, session_id: str, from_block: int | None = None, poll_s: float = 0.05):
-        """Yield (kind, block, bytes): the init segment, then fragments from ``from_block`` (default: the block
-        after the last one delivered on an earlier connection of this session), then the tail at the end."""
+    async def pieces(self, session_id: str, from_block: int | None = None,
+                     poll_s: float = 0.05) -> AsyncIterator[MediaPiece]:
+        """The init segment, then fragments from ``from_block`` (default: the block after the last one
+        delivered on an earlier connection of this session), then the end with the last audio."""
         sent_init = False
         nxt = from_block
         while True:
@@ -120,15 +158,44 @@ class MediaHub:
                 ended, tail = (sm.ended, sm.tail) if sm else (False, b"")
             if init and not sent_init:
                 sent_init = True
-                yield "init", -1, init
+                yield MediaPiece("init", -1, init)
             for b, d in ready:
-                yield "fragment", b, d
+                yield MediaPiece("fragment", b, d)
                 with self.lock:
                     sm = self.sessions.get(session_id)
                     if sm is not None:
                         sm.delivered = max(sm.delivered, b)
                 nxt = b + 1
             if ended and not ready and sent_init:
-                yield "end", -1, tail
+                yield MediaPiece("end", -1, tail)
                 return
             await asyncio.sleep(poll_s)
+
+
+class MediaStream:
+    """One client's connection to a session's media: the same pieces for HTTP and WebSocket clients.
+
+    Use as ``async with MediaStream(...) as stream: async for piece in stream: ...``. While open, the
+    session (if this replica runs its ticker) has one more media client, so it does not time out idle;
+    each delivered piece is activity. Leaving the ``async with`` (end of stream, client gone, error)
+    always releases the client count.
+    """
+
+    def __init__(self, hub: MediaHub, session_id: str, from_block: int | None = None,
+                 runtime: SessionRuntime | None = None):
+        self.hub, self.session_id, self.from_block, self.runtime = hub, session_id, from_block, runtime
+
+    async def __aenter__(self) -> MediaStream:
+        if self.runtime is not None:
+            self.runtime.media_clients += 1
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.runtime is not None:
+            self.runtime.media_clients -= 1
+
+    async def __aiter__(self) -> AsyncIterator[MediaPiece]:
+        async for piece in self.hub.pieces(self.session_id, self.from_block):
+            if self.runtime is not None:
+                self.runtime.last_activity = time.monotonic()
+            yield piece

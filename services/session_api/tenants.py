@@ -5,12 +5,14 @@ Keys are ``la_<43 url-safe characters>`` (256 random bits). Only their SHA-256 i
     la:apikey:{sha256(key)}     -> tenant id
     la:tenantcfg:{tenant}       hash  name, max_sessions, minutes_per_day, created
 
+A tenant's id is the name it was created with, unchanged; a second tenant with the same name is refused.
 A key is shown once, when it is created, and never logged (the log processor masks the ``la_`` pattern).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from services.common.redis_state import StateStore
 
 KEY_PREFIX = "la_"
+#: A tenant name: 1-64 ASCII letters, digits, '-', '_' or '.', starting with a letter or digit.
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ACTIVE_STATES = ("created", "preparing", "waiting", "active")
 
 
@@ -33,19 +37,38 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class TenantExistsError(ValueError):
+    """A tenant with this name already exists."""
+
+
+def check_tenant_name(name: str) -> str:
+    """``name`` if it is a valid tenant name, else ``ValueError`` saying what a valid one is."""
+    if not isinstance(name, str) or TENANT_NAME.fullmatch(name) is None:
+        raise ValueError(f"invalid tenant name {name!r}: use 1-64 ASCII letters, digits, '-', '_' or '.', "
+                         "starting with a letter or digit")
+    return name
+
+
 def create_tenant(store: StateStore, name: str, max_sessions: int = 4, minutes_per_day: float = 600.0) -> tuple[Tenant, str]:
-    """A new tenant and its API key (returned once; only the hash is stored)."""
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
-        raise ValueError("tenant name: 1-64 characters of letters, digits, '-', '_' or '.'")
+    """A new tenant whose id is ``name``, and its API key (returned once; only the hash is stored).
+
+    Raises ``ValueError`` for an invalid name or quota, and :class:`TenantExistsError` when the name is taken.
+    """
+    tenant_id = check_tenant_name(name)
     if max_sessions < 1 or minutes_per_day <= 0:
         raise ValueError("max_sessions must be >= 1 and minutes_per_day > 0")
-    tenant_id = f"{name}-{secrets.token_hex(3)}"
+    cfg = store.k("tenantcfg", tenant_id)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    p = store.r.pipeline()
-    p.hset(store.k("tenantcfg", tenant_id), mapping={"name": name, "max_sessions": max_sessions,
-                                                      "minutes_per_day": minutes_per_day, "created": time.time()})
-    p.set(store.k("apikey", hash_key(key)), tenant_id)
-    p.execute()
+
+    def claim(pipe) -> None:               # WATCH cfg; a concurrent create of the same name retries and fails
+        if pipe.exists(cfg):
+            raise TenantExistsError(f"tenant {name!r} already exists; choose another name")
+        pipe.multi()
+        pipe.hset(cfg, mapping={"name": name, "max_sessions": max_sessions, "minutes_per_day": minutes_per_day,
+                                "created": time.time()})
+        pipe.set(store.k("apikey", hash_key(key)), tenant_id)
+
+    store.r.transaction(claim, cfg)
     return Tenant(tenant_id, name, max_sessions, minutes_per_day), key
 
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import time
 
 from infra import topics
-from pipeline_stages.package_stage import PackageStage
-from pipeline_stages.sequential import make_package_stage
+from pipeline_stages.package_stage import PackageStage, make_package_stage
 from services.common.health import BLOCK_LATENCY, BLOCKS, DUPLICATES, FPS
 from services.common.kafka import make_consumer, make_producer
 from services.common.logging import get_logger
@@ -35,9 +34,9 @@ class PackagerSettings(WorkerSettings):
 class PackagerWorker:
     def __init__(self, s: PackagerSettings):
         self.s = s
-        self.store = StateStore.from_url(s.redis_url.get_secret_value(), namespace=s.redis_namespace)
-        self.producer = make_producer(s.kafka_bootstrap)
-        self.consumer = make_consumer(s.kafka_bootstrap, s.group_id, [topics.name(topics.FRAMES)], max_poll_records=16)
+        self.store = StateStore.from_settings(s)
+        self.producer = make_producer(s.kafka())
+        self.consumer = make_consumer(s.kafka(), s.group_id, [topics.name(topics.FRAMES)], max_poll_records=16)
         self.stages: dict[str, PackageStage] = {}
         self.stop = GracefulStop()
         self.ready = False

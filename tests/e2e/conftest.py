@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -26,9 +27,12 @@ def api_stack(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def make_tenant(api_stack):
-    """Create a tenant through the CLI, exactly as an operator does; returns its API key."""
+    """Create a tenant through the CLI, exactly as an operator does; returns its API key. Tenant names are
+    unique, so each call gets its own (``name-1``, ``name-2``, ...)."""
+    count = itertools.count(1)
+
     def create(name: str, max_sessions: int = 4, minutes_per_day: float = 600.0) -> str:
-        r = subprocess.run([sys.executable, "-m", "services.cli", "tenants", "create", name,
+        r = subprocess.run([sys.executable, "-m", "services.cli", "tenants", "create", f"{name}-{next(count)}",
                             "--max-sessions", str(max_sessions), "--minutes-per-day", str(minutes_per_day),
                             "--run-dir", str(api_stack["run_dir"])], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr

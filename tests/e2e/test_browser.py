@@ -1,7 +1,8 @@
 """The session API's web page in a real browser: headless Chromium driven over the DevTools protocol.
 
 The page is loaded from the live stack (`liveavatar up` with the session API) with ``?key=...``; the test
-clicks the page's own buttons: start a session with an example avatar, then send speech by each of the
+clicks the page's own buttons: start a session with the page's default avatar (a synthetic face the bundled
+tiny model knows) or an example photo, then send speech by each of the
 page's three paths (example speech fetched, decoded and resampled to 16 kHz by WebAudio and streamed over
 the audio WebSocket at real time; the microphone, Chromium's fake capture device, through an AudioWorklet;
 a WAV file upload). It checks that the video, fed through Media Source Extensions from the media
@@ -176,8 +177,8 @@ def _decoded_frames(api_stack, sid: str, key: str, until_block: int) -> list[np.
 
 
 AUDIO_SOURCES = {
-    # source: (avatar, how the page sends speech)
-    "example_speech": ("kitchen_grandmother", "fetch + WebAudio decode/resample to 16 kHz, audio WebSocket, real time"),
+    # source: (avatar (None: the page's default, a synthetic face), how the page sends speech)
+    "example_speech": (None, "fetch + WebAudio decode/resample to 16 kHz, audio WebSocket, real time"),
     "microphone": ("cyclops_baker", "getUserMedia (Chromium's fake device) + AudioWorklet, audio WebSocket"),
     "upload": ("music_producer", "a WAV file chosen in the file input, POST /v1/sessions/{id}/audio"),
 }
@@ -185,7 +186,7 @@ AUDIO_SOURCES = {
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (apt-get install chromium)")
 @pytest.mark.parametrize("source", list(AUDIO_SOURCES))
-def test_the_web_page_plays_a_live_session_in_chromium(source, api_stack, make_tenant, shared_examples, tmp_path):
+def test_the_web_page_plays_a_live_session_in_chromium(source, api_stack, make_tenant, examples, tmp_path):
     key = make_tenant(f"browser-{source.replace('_', '-')}")
     avatar, how = AUDIO_SOURCES[source]
     ARTIFACTS.mkdir(exist_ok=True)
@@ -200,11 +201,18 @@ def test_the_web_page_plays_a_live_session_in_chromium(source, api_stack, make_t
             cdp.wait_for("document.readyState === 'complete' && !!window.liveAvatar", 30, "the page to load")
             assert cdp.js("document.getElementById('key').value") == key
 
-            # 2. Choose an example avatar, no idle motion (video only from the speech), start the session.
-            cdp.js(f"""(() => {{ const a = document.getElementById('avatar'); a.value = '{avatar}';
-                       a.dispatchEvent(new Event('change'));
-                       document.getElementById('idle').value = 'pause';
-                       document.getElementById('start').click(); }})()""")
+            # 2. Keep the default avatar (a synthetic face the tiny model knows, with its example speech) or
+            #    choose an example photo; no idle motion (video only from the speech); start the session.
+            default = cdp.js("""(() => { const o = document.getElementById('avatar').selectedOptions[0];
+                                return {image: o.dataset.image, speech: document.getElementById('speech').value}; })()""")
+            assert default["image"].startswith("faces/face_") and default["speech"], default
+            if avatar is not None:
+                cdp.js(f"""(() => {{ const a = document.getElementById('avatar'); a.value = '{avatar}';
+                           a.dispatchEvent(new Event('change')); }})()""")
+                assert cdp.js("document.getElementById('model-note').classList.contains('warn')")
+                assert cdp.js("document.getElementById('speech').value") == avatar      # follows the photo
+            cdp.js("""(() => { document.getElementById('idle').value = 'pause';
+                       document.getElementById('start').click(); })()""")
             sid = cdp.wait_for("window.liveAvatar.state.sid", 30, "the session to be created")
             with httpx.Client(base_url=api_stack["base"], timeout=30,
                               headers={"Authorization": f"Bearer {key}"}) as client:
@@ -213,14 +221,14 @@ def test_the_web_page_plays_a_live_session_in_chromium(source, api_stack, make_t
                 # 3. Send speech through the page's own controls.
                 cdp.wait_for("!document.getElementById('play-example').disabled", 10, "the speech buttons")
                 if source == "example_speech":
-                    assert cdp.js("document.getElementById('speech').value") == avatar   # follows the avatar
+                    assert cdp.js("document.getElementById('speech').value") == default["speech"]
                     cdp.js("document.getElementById('play-example').click()")
                 elif source == "microphone":
                     cdp.js("document.getElementById('record').click()")
                 else:
                     doc = cdp.call("DOM.getDocument")["root"]["nodeId"]
                     node = cdp.call("DOM.querySelector", nodeId=doc, selector="#audio-file")["nodeId"]
-                    cdp.call("DOM.setFileInputFiles", nodeId=node, files=[str(shared_examples / f"{avatar}.wav")])
+                    cdp.call("DOM.setFileInputFiles", nodeId=node, files=[str(examples / f"{avatar}.wav")])
                     cdp.js("document.getElementById('upload-audio').click()")
                 cdp.wait_for("window.liveAvatar.state.audioStart !== null", 30, "the first audio to be sent")
 

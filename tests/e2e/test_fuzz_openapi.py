@@ -80,7 +80,7 @@ def _fuzz(operation, recorder: Recorder, label: str, headers: dict, mode: Genera
         assert mode == GenerationMode.NEGATIVE, f"{operation.method} {operation.path}: no {mode.value} case"
 
 
-def test_no_input_gets_a_server_error(api_stack, make_tenant, client, shared_examples):
+def test_no_input_gets_a_server_error(api_stack, make_tenant, client, examples):
     key = make_tenant("fuzz", max_sessions=8)
     auth = {"Authorization": f"Bearer {key}"}
     schema = schemathesis.openapi.from_url(f"{api_stack['base']}/openapi.json", timeout=30)
@@ -94,7 +94,7 @@ def test_no_input_gets_a_server_error(api_stack, make_tenant, client, shared_exa
             _fuzz(op, rec, f"random-id/{mode.value}", auth, mode, n)
 
     # 2. One real, active session: the handlers behind the 404 check. DELETE last.
-    jpg = (shared_examples / "cyclops_baker.jpg").read_bytes()
+    jpg = (examples / "cyclops_baker.jpg").read_bytes()
     r = client.post("/v1/sessions", headers=auth, files={"image": ("a.jpg", jpg, "image/jpeg")},
                     data={"options": json.dumps({"idle": "pause"})})
     assert r.status_code == 201, r.text

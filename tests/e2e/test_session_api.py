@@ -91,12 +91,12 @@ def ffprobe(path: Path) -> dict:
     return json.loads(r.stdout)
 
 
-def test_full_flow_with_the_examples(api_stack, make_tenant, client, shared_examples, tmp_path):
+def test_full_flow_with_the_examples(api_stack, make_tenant, client, examples, tmp_path):
     key = make_tenant("flow")
-    r = create(client, key, (shared_examples / "kitchen_grandmother.jpg").read_bytes(), {"seed": 2, "idle": "pause"})
+    r = create(client, key, (examples / "kitchen_grandmother.jpg").read_bytes(), {"seed": 2, "idle": "pause"})
     assert r.status_code == 201, r.text
     sid = r.json()["id"]
-    pcm, rate = wav_pcm16(shared_examples / "kitchen_grandmother.wav")
+    pcm, rate = wav_pcm16(examples / "kitchen_grandmother.wav")
     pcm = pcm[: rate * 2 * 4]                                         # 4 s of speech keeps CI short
     import threading
 
@@ -119,9 +119,9 @@ def test_full_flow_with_the_examples(api_stack, make_tenant, client, shared_exam
     assert usage["seconds_generated_today"] >= 4.0
 
 
-def test_tenants_are_isolated_and_keys_are_checked(make_tenant, client, shared_examples):
+def test_tenants_are_isolated_and_keys_are_checked(make_tenant, client, examples):
     a, b = make_tenant("iso-a"), make_tenant("iso-b")
-    sid = create(client, a, (shared_examples / "cyclops_baker.jpg").read_bytes(), {"idle": "pause"}).json()["id"]
+    sid = create(client, a, (examples / "cyclops_baker.jpg").read_bytes(), {"idle": "pause"}).json()["id"]
     assert client.get(f"/v1/sessions/{sid}", headers=auth(a)).status_code == 200
     for method, path in (("GET", ""), ("DELETE", ""), ("POST", "/interrupt"), ("POST", "/keepalive")):
         r = client.request(method, f"/v1/sessions/{sid}{path}", headers=auth(b))
@@ -136,8 +136,8 @@ def test_tenants_are_isolated_and_keys_are_checked(make_tenant, client, shared_e
     client.delete(f"/v1/sessions/{sid}", headers=auth(a))
 
 
-def test_quotas_429_with_retry_after_and_402(api_stack, make_tenant, client, shared_examples):
-    img = (shared_examples / "cyclops_baker.jpg").read_bytes()
+def test_quotas_429_with_retry_after_and_402(api_stack, make_tenant, client, examples):
+    img = (examples / "cyclops_baker.jpg").read_bytes()
     key = make_tenant("quota", max_sessions=1)
     first = create(client, key, img, {"idle": "pause"})
     assert first.status_code == 201
@@ -156,11 +156,11 @@ def test_quotas_429_with_retry_after_and_402(api_stack, make_tenant, client, sha
     assert r.status_code == 402 and r.json()["error"]["code"] == "quota_exhausted"
 
 
-def test_interrupt_drops_queued_speech_and_the_avatar_goes_idle(api_stack, make_tenant, client, shared_examples,
+def test_interrupt_drops_queued_speech_and_the_avatar_goes_idle(api_stack, make_tenant, client, examples,
                                                                 tmp_path):
     key = make_tenant("interrupt")
-    sid = create(client, key, (shared_examples / "music_producer.jpg").read_bytes(), {"idle": "pause"}).json()["id"]
-    wav = (shared_examples / "music_producer.wav").read_bytes()
+    sid = create(client, key, (examples / "music_producer.jpg").read_bytes(), {"idle": "pause"}).json()["id"]
+    wav = (examples / "music_producer.wav").read_bytes()
     r = client.post(f"/v1/sessions/{sid}/audio", headers=auth(key), files={"file": ("s.wav", wav, "audio/wav")})
     assert r.status_code == 202, r.text
     time.sleep(1.0)
@@ -178,9 +178,9 @@ def test_interrupt_drops_queued_speech_and_the_avatar_goes_idle(api_stack, make_
     assert max(per_block[-5:]) < 1e-3                 # silence (idle) after it: the queued speech was dropped
 
 
-def test_idle_timeout_and_maximum_duration_end_sessions(make_tenant, client, shared_examples):
+def test_idle_timeout_and_maximum_duration_end_sessions(make_tenant, client, examples):
     key = make_tenant("lifetime")
-    img = (shared_examples / "cyclops_baker.jpg").read_bytes()
+    img = (examples / "cyclops_baker.jpg").read_bytes()
     idle = create(client, key, img, {"idle": "pause", "idle_timeout_s": 2}).json()["id"]
     capped = create(client, key, img, {"idle": "silence", "max_duration_s": 3, "idle_timeout_s": 600}).json()["id"]
     kept = create(client, key, img, {"idle": "pause", "idle_timeout_s": 5}).json()["id"]
@@ -196,9 +196,9 @@ def test_idle_timeout_and_maximum_duration_end_sessions(make_tenant, client, sha
     client.delete(f"/v1/sessions/{kept}", headers=auth(key))
 
 
-def test_resume_after_a_dropped_media_connection(api_stack, make_tenant, client, shared_examples):
+def test_resume_after_a_dropped_media_connection(api_stack, make_tenant, client, examples):
     key = make_tenant("resume")
-    sid = create(client, key, (shared_examples / "cyclops_baker.jpg").read_bytes(), {"idle": "silence"}).json()["id"]
+    sid = create(client, key, (examples / "cyclops_baker.jpg").read_bytes(), {"idle": "silence"}).json()["id"]
     init1, frags1 = read_media_ws(api_stack, sid, key, until_block=3)          # then the connection drops
     time.sleep(1.5)                                                            # the stream goes on meanwhile
     init2, frags2 = read_media_ws(api_stack, sid, key, until_block=frags1[-1][0] + 4)
@@ -229,9 +229,9 @@ def _image(mode: str, fmt: str) -> bytes:
     ("extra_fields", 422), ("missing_key", 401), ("bad_key", 401), ("corrupt_wav", 400),
     ("empty_audio_upload", 400), ("audio_wrong_type", 415),
 ])
-def test_bad_input_gets_the_right_4xx_and_harms_no_other_session(case, status, make_tenant, client, shared_examples):
+def test_bad_input_gets_the_right_4xx_and_harms_no_other_session(case, status, make_tenant, client, examples):
     key = make_tenant("bad")
-    jpg = (shared_examples / "cyclops_baker.jpg").read_bytes()
+    jpg = (examples / "cyclops_baker.jpg").read_bytes()
     bystander = create(client, key, jpg, {"idle": "silence"}).json()["id"]
     before = client.get(f"/v1/sessions/{bystander}", headers=auth(key)).json()
     headers = auth(key)

@@ -27,8 +27,8 @@ def cli(*args, timeout=300):
 
 
 @pytest.mark.parametrize("mode", ["sequential", "tpp"])
-def test_generate_writes_a_playable_mp4_and_the_latents_of_the_in_process_run(mode, shared_examples, tmp_path):
-    image, audio = shared_examples / "music_producer.jpg", shared_examples / "music_producer.wav"
+def test_generate_writes_a_playable_mp4_and_the_latents_of_the_in_process_run(mode, examples, tmp_path):
+    image, audio = examples / "music_producer.jpg", examples / "music_producer.wav"
     pcm = load_audio(str(audio), 60)[: 16000 * 3]          # 3 s keeps the test short
     clip = tmp_path / "clip.wav"
     with wave.open(str(clip), "wb") as w:                  # int16 16 kHz this time: another input format
@@ -70,15 +70,23 @@ def _write_wav(path, samples: np.ndarray, rate=16000):
         w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
-@pytest.mark.parametrize("case", ["not_an_image", "empty_audio", "nan_audio", "too_long", "too_many_pixels"])
-def test_bad_input_gets_one_clear_line_and_exit_code_2(case, shared_examples, tmp_path):
-    image, audio = str(shared_examples / "cyclops_baker.jpg"), str(shared_examples / "cyclops_baker.wav")
+@pytest.mark.parametrize("case", ["not_an_image", "missing_audio", "garbage_audio", "empty_audio", "nan_audio",
+                                  "too_long", "too_many_pixels"])
+def test_bad_input_gets_one_clear_line_and_exit_code_2(case, examples, tmp_path):
+    image, audio = str(examples / "cyclops_baker.jpg"), str(examples / "cyclops_baker.wav")
     extra: list[str] = []
     expect = ""
     if case == "not_an_image":
         image = str(tmp_path / "x.jpg")
         (tmp_path / "x.jpg").write_bytes(b"this is not a picture at all" * 10)
         expect = "image"
+    elif case == "missing_audio":
+        audio = str(tmp_path / "nowhere.wav")
+        expect = "audio file not found"
+    elif case == "garbage_audio":
+        audio = str(tmp_path / "garbage.wav")
+        (tmp_path / "garbage.wav").write_bytes(b"this is not a sound at all" * 10)
+        expect = "not a recognised audio file"
     elif case == "empty_audio":
         audio = str(tmp_path / "empty.wav")
         _write_wav(audio, np.zeros(0))
@@ -101,6 +109,7 @@ def test_bad_input_gets_one_clear_line_and_exit_code_2(case, shared_examples, tm
     assert "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expect.lower() in lines[0].lower(), r.stderr
+    assert "errno" not in r.stderr.lower(), r.stderr      # no internal error numbers
     assert not (tmp_path / "o.mp4").exists() or (tmp_path / "o.mp4").stat().st_size == 0
 
 

@@ -21,9 +21,9 @@ def _train(out, examples, *extra):
                           capture_output=True, text=True, timeout=900)
 
 
-def test_quick_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, shared_examples):
+def test_quick_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, examples):
     out = tmp_path / "run"
-    r = _train(out, shared_examples)
+    r = _train(out, examples)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout[r.stdout.index("{"):])
     assert set(summary["stages"]) == {"vae", "vae_stream", "teacher", "causal", "dmd"}
@@ -36,12 +36,12 @@ def test_quick_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, share
     assert any(not torch.equal(a, b) for a, b in zip(models.dit.state_dict().values(),
                                                      fresh.dit.state_dict().values(), strict=True))
     # a rerun finds every stage done
-    r2 = _train(out, shared_examples)
+    r2 = _train(out, examples)
     assert r2.returncode == 0, r2.stderr
     again = json.loads(r2.stdout[r2.stdout.index("{"):])
     assert all(s["resumed_from"] == s["steps"] for s in again["stages"].values())
 
 
-def test_bad_override_is_a_clear_error(tmp_path, shared_examples):
-    r = _train(tmp_path / "run", shared_examples, "--set", "no_such_knob=3")
+def test_bad_override_is_a_clear_error(tmp_path, examples):
+    r = _train(tmp_path / "run", examples, "--set", "no_such_knob=3")
     assert r.returncode == 2 and "--set wants KEY=VALUE" in r.stderr

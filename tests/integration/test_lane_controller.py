@@ -33,6 +33,8 @@ from services.common.redis_state import SessionRecord, StateStore  # noqa: E402
 from services.lane_controller.controller import LaneController  # noqa: E402
 from services.lane_controller.settings import LaneControllerSettings  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[2]
 G, V, P = "leaderworkerset.x-k8s.io", "v1", "leaderworkersets"
 NS = "lanes"
@@ -180,7 +182,6 @@ def serving_on_last_lane(st: StateStore, lws: str, pool: str, tenant: str, n: in
 
 
 # ---- scale up -----------------------------------------------------------------------------------------
-@pytest.mark.integration
 def test_scales_up_at_once_to_demand_within_max_and_tenant_quota(kube, store):
     api = kube.api()
     pa, pb = unique("a"), unique("b")
@@ -216,7 +217,6 @@ def test_scales_up_at_once_to_demand_within_max_and_tenant_quota(kube, store):
 
 
 # ---- scale down ---------------------------------------------------------------------------------------
-@pytest.mark.integration
 def test_scale_down_drains_first_and_never_removes_a_serving_lane(kube, store):
     api = kube.api()
     pool = unique("d")
@@ -267,7 +267,6 @@ def test_scale_down_drains_first_and_never_removes_a_serving_lane(kube, store):
     assert metric("liveavatar_lane_pool_current_replicas", pool=pool) == 1
 
 
-@pytest.mark.integration
 def test_drained_lanes_are_undrained_when_demand_returns(kube, store):
     api = kube.api()
     pool = unique("u")
@@ -299,7 +298,6 @@ def test_drained_lanes_are_undrained_when_demand_returns(kube, store):
     assert store.claim_lane(uuid.uuid4().hex, pool) == lanes[0]
 
 
-@pytest.mark.integration
 def test_a_restarted_controller_continues_from_cluster_and_redis(kube, store):
     api = kube.api()
     pool = unique("r")
@@ -328,7 +326,6 @@ def test_a_restarted_controller_continues_from_cluster_and_redis(kube, store):
     assert reasons(api, lws) == ["Drain", "ScaleDown"]
 
 
-@pytest.mark.integration
 def test_a_pool_above_its_max_is_drained_without_waiting(kube, store):
     """After `helm upgrade` lowered max (or a quota shrank), the surplus lanes go as soon as they are idle."""
     api = kube.api()
@@ -343,7 +340,6 @@ def test_a_pool_above_its_max_is_drained_without_waiting(kube, store):
     assert reasons(api, lws) == ["Drain", "ScaleDown"]
 
 
-@pytest.mark.integration
 def test_an_invalid_pool_is_reported_once_and_the_others_still_scale(kube, store):
     api = kube.api()
     good, bad = unique("g"), unique("x")
@@ -360,7 +356,6 @@ def test_an_invalid_pool_is_reported_once_and_the_others_still_scale(kube, store
     assert metric("liveavatar_lane_controller_errors_total", pool=bad) == 2
 
 
-@pytest.mark.integration
 def test_two_leaderworkersets_claiming_one_pool_are_left_alone(kube, store):
     """The Redis keys are per pool name: two LWS of one pool would fight, so neither is scaled."""
     api = kube.api()
@@ -385,7 +380,6 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-@pytest.mark.integration
 def test_service_process_scales_serves_health_and_stops_gracefully(kube, store, tmp_path):
     api = kube.api()
     pool = unique("s")

@@ -13,7 +13,8 @@ import redis
 from kafka import TopicPartition
 
 from infra.local.stack import LOOPBACK, LocalStack, pid_alive
-from services.common.kafka import TopicSpec, ensure_topics, make_consumer, make_producer
+from infra.topics import TopicSpec
+from services.common.kafka import ensure_topics, make_consumer, make_producer
 
 pytestmark = pytest.mark.integration
 

@@ -56,12 +56,12 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inputs(shared_examples):
+def inputs(examples):
     return {
-        "baker": ((shared_examples / "cyclops_baker.jpg").read_bytes(),
-                  load_audio(str(shared_examples / "cyclops_baker.wav"), 60)),
-        "grandmother": ((shared_examples / "kitchen_grandmother.jpg").read_bytes(),
-                        load_audio(str(shared_examples / "kitchen_grandmother.wav"), 60)),
+        "baker": ((examples / "cyclops_baker.jpg").read_bytes(),
+                  load_audio(str(examples / "cyclops_baker.wav"), 60)),
+        "grandmother": ((examples / "kitchen_grandmother.jpg").read_bytes(),
+                        load_audio(str(examples / "kitchen_grandmother.wav"), 60)),
     }
 
 

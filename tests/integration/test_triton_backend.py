@@ -14,7 +14,7 @@ bound to free loopback ports:
   within 1e-5: same computation, only the GEMM sizes differ (observed max difference ~1e-6 on
   features of magnitude ~1, i.e. a few fp32 ulps accumulated over the layers).
 
-Speech comes from ``shared/examples/*.wav`` (24 kHz), resampled to 16 kHz by ``models.inputs.load_audio``.
+Speech comes from ``examples/*.wav`` (24 kHz), resampled to 16 kHz by ``models.inputs.load_audio``.
 Each server is stopped with SIGTERM at the end and the test checks that no process it started is left.
 """
 
@@ -187,11 +187,11 @@ def encoder():
 
 
 @pytest.fixture(scope="module")
-def speech_blocks(shared_examples, encoder) -> np.ndarray:
+def speech_blocks(examples, encoder) -> np.ndarray:
     """Three real-speech blocks from each example wav (start, middle, last full block): [9, 7680]."""
     n = encoder.config.block_samples
     blocks = []
-    for wav in sorted(shared_examples.glob("*.wav")):
+    for wav in sorted(examples.glob("*.wav")):
         pcm = load_audio(wav, max_seconds=120)                     # 24 kHz -> 16 kHz mono float32
         full = len(pcm) // n
         assert full >= 3, f"{wav.name} is too short for the test"

@@ -21,6 +21,8 @@ from services.lane_controller.controller import (
 )
 from services.lane_controller.settings import LaneControllerSettings
 
+pytestmark = pytest.mark.unit
+
 
 def _reference_desired(demand: int, lo: int, hi: int, headroom: int, quota: int | None) -> int:
     """Brute force: among the allowed lane counts, the smallest that covers demand + headroom, else the largest."""
@@ -29,7 +31,6 @@ def _reference_desired(demand: int, lo: int, hi: int, headroom: int, quota: int 
     return min(covering) if covering else max(allowed)
 
 
-@pytest.mark.unit
 def test_desired_lanes_matches_a_brute_force_search():
     for lo, hi, demand, headroom, quota in itertools.product(range(0, 4), range(0, 6), range(0, 9), range(0, 3),
                                                              (None, 0, 1, 2, 4, 7)):
@@ -40,7 +41,6 @@ def test_desired_lanes_matches_a_brute_force_search():
         assert lo <= want <= hi
 
 
-@pytest.mark.unit
 def test_bad_bounds_and_inputs_raise_value_errors():
     with pytest.raises(PoolConfigError, match="min <= max"):
         pool_ceiling(3, 2)
@@ -73,7 +73,6 @@ def _lws(**over) -> dict:
     return obj
 
 
-@pytest.mark.unit
 def test_lane_pool_is_parsed_from_its_leaderworkerset():
     pool = LanePool.from_object(_lws())
     assert (pool.lws, pool.namespace, pool.pool, pool.tenant) == ("la-lane-acme", "ns", "acme", "acme-t")
@@ -84,7 +83,6 @@ def test_lane_pool_is_parsed_from_its_leaderworkerset():
     assert LanePool.from_object(_lws(spec__replicas=None)).replicas == 1
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("override,message", [
     ({"metadata__labels": {"liveavatar.io/tenant": "t"}}, "label liveavatar.io/lane-pool is missing"),
     ({"metadata__labels": {"liveavatar.io/lane-pool": "p"}}, "label liveavatar.io/tenant is missing"),
@@ -101,7 +99,6 @@ def test_invalid_leaderworkersets_are_rejected_with_a_clear_message(override, me
         LanePool.from_object(_lws(**override))
 
 
-@pytest.mark.unit
 def test_chart_rendered_leaderworkersets_are_valid_pools():
     """The chart's LWS objects carry exactly the labels and annotations the controller reads."""
     from tests.unit.chart import chartlib as cl
@@ -116,7 +113,6 @@ def test_chart_rendered_leaderworkersets_are_valid_pools():
         assert (got.tenant, got.min_lanes, got.max_lanes, got.replicas) == (p["tenant"], p["min"], p["max"], p["min"])
 
 
-@pytest.mark.unit
 def test_settings_come_from_the_environment_and_are_validated(monkeypatch):
     monkeypatch.setenv("LIVEAVATAR_NAMESPACE", "lanes")
     monkeypatch.setenv("LIVEAVATAR_INTERVAL_S", "2.5")
@@ -132,7 +128,6 @@ def test_settings_come_from_the_environment_and_are_validated(monkeypatch):
     assert issubclass(ValidationError, ValueError)
 
 
-@pytest.mark.unit
 def test_namespace_is_configured_else_the_pods_else_default(tmp_path, monkeypatch):
     import services.lane_controller.controller as ctl
 

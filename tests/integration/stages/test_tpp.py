@@ -13,7 +13,8 @@ import torch
 from models.generator import GenerationOptions
 from models.inputs import load_audio, load_image
 from models.liveavatar import LiveAvatarConfig, build_models
-from pipeline_stages.sequential import SessionSpec, generate_blocks
+from pipeline_stages.runner import BlockResult, Runner
+from pipeline_stages.sequential import SequentialRunner, SessionSpec
 from pipeline_stages.tpp import LaneError, TPPLane
 
 pytestmark = pytest.mark.integration
@@ -22,9 +23,9 @@ CFG = LiveAvatarConfig.tiny()
 
 
 @pytest.fixture(scope="module")
-def inputs(shared_examples):
-    image = load_image(str(shared_examples / "cyclops_baker.jpg"), 50_000_000)
-    pcm = load_audio(str(shared_examples / "cyclops_baker.wav"), 60)
+def inputs(examples):
+    image = load_image(str(examples / "cyclops_baker.jpg"), 50_000_000)
+    pcm = load_audio(str(examples / "cyclops_baker.wav"), 60)
     return image, pcm
 
 
@@ -51,40 +52,52 @@ def _pids_gone(pids, timeout=10.0):
     return False
 
 
+def _run_sessions(runner: Runner, sessions) -> list[list[BlockResult]]:
+    """Every (spec, audio, live) session in turn through one runner, knowing nothing of which runner it is;
+    a live session's audio arrives in 0.1 s chunks in real time."""
+    out = []
+    for spec, audio, live in sessions:
+        runner.start_session(spec)
+        if live:
+            got = []
+            for i in range(0, len(audio), 1600):
+                got += runner.push_audio(audio[i:i + 1600])
+                time.sleep(0.1)
+            got += runner.finish()
+        else:
+            got = list(runner.generate(audio))
+        runner.close_session()
+        out.append(got)
+    return out
+
+
 def test_tpp_equals_sequential_bit_for_bit_across_sessions_and_live_feed(inputs, sequential_models):
     """10 blocks (ring wrap at block 4, sink re-anchored at block 4), then a second session on the same lane
-    fed live in small chunks, then a session with re-anchoring off and explicit sink leads."""
+    fed live in small chunks, then a session with re-anchoring off and explicit sink leads: the same driver
+    runs the sequential runner and the lane."""
     torch.set_num_threads(1)
     image, pcm = inputs
     first = SessionSpec(image, "a baker", seed=5)
     second = SessionSpec(image[::-1].copy(), "", seed=6)
     third = SessionSpec(image, "", seed=7, options=GenerationOptions(reanchor=False), leads=[4, 30, 17, 9] * 30)
     audio1, audio2, audio3 = pcm[:7680 * 10], pcm[7680 * 3:7680 * 9 + 500], pcm[:7680 * 6]
+    sessions = [(first, audio1, False), (second, audio2, True), (third, audio3, False)]
     with TPPLane(CFG, timeout_s=30) as lane:
-        lane.start_session(first)
-        tpp1 = list(lane.generate(audio1))
-        lane.close_session()
-        lane.start_session(second)
-        tpp2 = []
-        for i in range(0, len(audio2), 1600):             # 0.1 s chunks arriving in real time
-            tpp2 += lane.push_audio(audio2[i:i + 1600])
-            time.sleep(0.1)
-        tpp2 += lane.finish()
-        lane.close_session()
-        lane.start_session(third)
-        tpp3 = list(lane.generate(audio3))
-        lane.close_session()
+        assert isinstance(lane, Runner)
+        tpp = _run_sessions(lane, sessions)
         pids = [p.pid for p in lane.procs]
     assert _pids_gone(pids)
-    for spec, audio, got in ((first, audio1, tpp1), (second, audio2, tpp2), (third, audio3, tpp3)):
-        want = generate_blocks(sequential_models, spec, audio)
+    with SequentialRunner(sequential_models, package=False) as runner:
+        assert isinstance(runner, Runner)
+        sequential = _run_sessions(runner, [(spec, audio, False) for spec, audio, _ in sessions])
+    for got, want in zip(tpp, sequential, strict=True):
         assert [r.block_index for r in got] == list(range(len(want)))
         for a, b in zip(got, want):
             assert torch.equal(a.latent, b.latent), f"block {a.block_index} differs"
             # Frames: the VAE decode runs in another process; oneDNN's CPU conv3d may round differently there
             # (seen once in ~10 runs), which can move a pixel by one uint8 level. Latents stay bit-identical.
             assert (a.frames.int() - b.frames.int()).abs().max() <= 1
-    assert len(tpp1) == 10 and len(tpp2) == 7
+    assert [len(got) for got in tpp] == [10, 7, 6]
 
 
 @pytest.mark.parametrize("victim,how", [(2, "kill"), (1, "stop"), (4, "kill")])

@@ -18,8 +18,7 @@ pytestmark = pytest.mark.unit
 ALL = list(cl.SCENARIOS)
 SERVICES = ("session-api", "audio-encoder", "stream-packager", "lane-controller")
 CONTRACT_CONFIG = {
-    "LIVEAVATAR_KAFKA_BOOTSTRAP", "LIVEAVATAR_KAFKA_SECURITY_PROTOCOL", "LIVEAVATAR_MODEL_CONFIG",
-    "LIVEAVATAR_MODEL_DIR", "LIVEAVATAR_JSON_LOGS", "LIVEAVATAR_LOG_LEVEL",
+    "LIVEAVATAR_KAFKA_BOOTSTRAP", "LIVEAVATAR_KAFKA_SECURITY_PROTOCOL", "LIVEAVATAR_JSON_LOGS", "LIVEAVATAR_LOG_LEVEL",
 }
 
 
@@ -67,8 +66,11 @@ def test_tiny_cpu_profile_requests_no_gpu_and_runs_on_cpu():
     assert len(lws) == 1 and lws[0]["spec"]["replicas"] == 1
     for name, _, spec in cl.pod_specs(lws):
         assert cl.env_of(spec["containers"][0])["LIVEAVATAR_DEVICE"]["value"] == "cpu", name
-    cm = cl.of_kind(docs, "ConfigMap")[0]["data"]
-    assert cm["LIVEAVATAR_MODEL_CONFIG"] == "tiny-trained"
+    model_users = [c for _, _, spec in cl.pod_specs(docs) for c in spec["containers"]
+                   if c["name"] in ("lane", "audio-encoder")]
+    assert len(model_users) == 3   # lane leader, lane worker, audio-encoder
+    for c in model_users:
+        assert cl.env_of(c)["LIVEAVATAR_MODEL_CONFIG"]["value"] == "tiny-trained", c["name"]
 
 
 @pytest.mark.parametrize("scenario", ALL)
@@ -268,7 +270,6 @@ def test_liveavatar_containers_get_the_settings_contract(scenario):
     cm = cl.of_kind(docs, "ConfigMap")
     assert len(cm) == 1
     assert CONTRACT_CONFIG <= set(cm[0]["data"])
-    assert cm[0]["data"]["LIVEAVATAR_MODEL_DIR"] == "/models"
     seen = set()
     for name, _, spec in cl.pod_specs(docs):
         for c in spec["containers"]:
@@ -359,12 +360,13 @@ def test_strimzi_topics_follow_the_topic_values():
     kts = {k["spec"]["topicName"]: k for k in cl.of_kind(docs, "KafkaTopic")}
     assert set(kts) == {t["name"] for t in topics["items"].values()}
     assert {t["name"]: t["partitions"] for t in topics["items"].values()} == {
-        "audio": 16, "audio-features": 16, "frames": 16, "media": 16, "control": 4}
+        "audio": 16, "audio-features": 16, "frames": 16, "media": 16}
     for t in topics["items"].values():
         kt = kts[t["name"]]
         assert kt["spec"]["partitions"] == t["partitions"]
         assert kt["spec"]["replicas"] == topics["replicationFactor"]
         assert int(kt["spec"]["config"]["retention.ms"]) == t["retentionMs"]
+        assert int(kt["spec"]["config"]["max.message.bytes"]) == t["maxMessageBytes"]
         assert kt["metadata"]["labels"]["strimzi.io/cluster"] == topics["strimzi"]["clusterName"]
     assert cl.of_kind(docs, "Job") == []  # the Strimzi operator creates them, not the hook Job
 
@@ -378,7 +380,7 @@ def test_topic_job_creates_every_topic(scenario):
     c = job["spec"]["template"]["spec"]["containers"][0]
     script = c["args"][0]
     for t in values["kafka"]["topics"]["items"].values():
-        assert f'create "{t["name"]}" {t["partitions"]} {t["retentionMs"]}\n' in script
+        assert f'create "{t["name"]}" {t["partitions"]} {t["retentionMs"]} {t["maxMessageBytes"]}\n' in script
     rf = cl.env_of(c)["REPLICATION_FACTOR"]["value"]
     expected_rf = 1 if values["kafka"]["embedded"]["enabled"] else values["kafka"]["topics"]["replicationFactor"]
     assert rf == str(expected_rf)

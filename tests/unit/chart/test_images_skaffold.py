@@ -165,7 +165,7 @@ def test_dockerignore_keeps_sources_and_drops_weights_and_local_state():
     rules = [ln.strip() for ln in (cl.REPO / ".dockerignore").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
     for kept in ("pyproject.toml", "README.md", "models/dit.py", "services/common/settings.py",
-                 "pipeline_stages/tpp.py", "infra/docker/python-base.Dockerfile"):
+                 "pipeline_stages/tpp/lane.py", "infra/docker/python-base.Dockerfile"):
         assert not _ignored(kept, rules), kept
     for dropped in (".venv/bin/python", ".git/HEAD", "tests/unit/test_x.py", "charts/liveavatar/values.yaml",
                     "models/weights/Wan2.1_VAE.pth", "models/__pycache__/dit.cpython-311.pyc", ".run/redis.log"):

@@ -7,8 +7,16 @@ import re
 import pytest
 import torch
 
+from models.checkpoint import load_state_dict_strict
 from models.config import OFFICIAL_KEYS, ConfigError, DiTConfig
 from models.dit import CausalWanS2V
+
+pytestmark = pytest.mark.unit
+
+#: The modules the dtype policy keeps in fp32 (models/dit.py docstring), spelled out independently.
+FP32_KEY = re.compile(r"^(time_embedding\.|time_projection\.|head\.|blocks\.\d+\.modulation$|blocks\.\d+\.norm3\."
+                      r"|audio_injector\.injector_adain_layers\.)")
+FP32_FAMILIES = ("time_embedding.", "time_projection.", "head.", ".modulation", ".norm3.", "injector_adain_layers.")
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +29,13 @@ def _count(state, prefix=""):
     return sum(v.numel() for k, v in state.items() if k.startswith(prefix))
 
 
-@pytest.mark.unit
 def test_total_parameters_and_key_count(meta_state):
-    assert all(v.device.type == "meta" and v.dtype == torch.bfloat16 for v in meta_state.values())
+    assert all(v.device.type == "meta" for v in meta_state.values())
+    assert all(v.dtype == (torch.float32 if FP32_KEY.match(k) else torch.bfloat16) for k, v in meta_state.items())
     assert len(meta_state) == 1260
     assert abs(_count(meta_state) - 16.296e9) < 0.0005e9
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("prefix, expected, tol", [
     ("blocks.", 14.056e9, 0.0005e9),
     ("audio_injector.", 1.888e9, 0.0005e9),
@@ -72,14 +79,12 @@ TABLE_1_8 = {
 }
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("key", sorted(TABLE_1_8))
 def test_key_shapes_of_the_reference_table(meta_state, key):
     assert key in meta_state
     assert tuple(meta_state[key].shape) == TABLE_1_8[key]
 
 
-@pytest.mark.unit
 def test_keys_that_must_not_exist(meta_state):
     bad = [k for k in meta_state
            if ".norm1." in k or ".norm2." in k or k.startswith("motioner.") or "injector_pre_norm" in k
@@ -90,7 +95,6 @@ def test_keys_that_must_not_exist(meta_state):
     assert len([k for k in meta_state if k.startswith("blocks.7.")]) == 27
 
 
-@pytest.mark.unit
 def test_tiny_config_has_the_same_architecture(meta_state):
     """Same key set once block/injector indices are erased; same per-block layout."""
     tiny = CausalWanS2V(DiTConfig.tiny()).state_dict()
@@ -109,7 +113,6 @@ def _official_config_json():
     return {"_class_name": "WanModel_S2V", "_diffusers_version": "0.33.1", **data}
 
 
-@pytest.mark.unit
 def test_from_json_reads_official_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_official_config_json()))
     assert DiTConfig.from_json(tmp_path / "config.json") == DiTConfig()
@@ -117,7 +120,6 @@ def test_from_json_reads_official_config(tmp_path):
     assert DiTConfig.from_json(_official_config_json()).audio_inject_layers == DiTConfig().audio_inject_layers
 
 
-@pytest.mark.unit
 def test_from_json_rejects_unknown_keys():
     data = {**_official_config_json(), "zz_extra": 1, "aa_other": True}
     with pytest.raises(ConfigError) as err:
@@ -126,7 +128,6 @@ def test_from_json_rejects_unknown_keys():
     assert "aa_other" in str(err.value) and "zz_extra" in str(err.value)
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("cfg", [DiTConfig(), DiTConfig.tiny(), DiTConfig.tiny(kv_cache_frames=9, sink_lead_max=12)])
 def test_to_json_round_trip(tmp_path, cfg):
     path = tmp_path / "c.json"
@@ -135,7 +136,6 @@ def test_to_json_round_trip(tmp_path, cfg):
     assert DiTConfig.from_json(json.loads(text)) == cfg
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("bad, word", [
     ({"dim": 100, "num_heads": 3}, "num_heads"),
     ({"audio_inject_layers": (0, 40)}, "audio_inject_layers"),
@@ -148,3 +148,43 @@ def test_to_json_round_trip(tmp_path, cfg):
 def test_invalid_config_values_are_named(bad, word):
     with pytest.raises(ConfigError, match=word):
         DiTConfig.from_json(bad)
+
+
+def _dtypes(model):
+    return {k: v.dtype for k, v in model.state_dict().items()}
+
+
+def _policy(model, dtype):
+    return {k: (torch.float32 if FP32_KEY.match(k) else dtype) for k in model.state_dict()}
+
+
+def test_loading_in_bf16_keeps_exactly_the_fp32_modules():
+    cfg = DiTConfig.tiny()
+    torch.manual_seed(0)
+    source = CausalWanS2V(cfg, dtype=torch.float64).state_dict()        # not bf16-representable
+    keys = list(source)
+    assert all(any(f in k for k in keys if FP32_KEY.match(k)) for f in FP32_FAMILIES)   # none is vacuous
+    assert sum(bool(FP32_KEY.match(k)) for k in keys) < len(keys) / 2
+    # 1. the loader casts a checkpoint: bf16, except the fp32 modules
+    model = CausalWanS2V(cfg, dtype=torch.bfloat16, device="meta")
+    load_state_dict_strict(model, source, what="DiT", dtype=torch.bfloat16)
+    assert _dtypes(model) == _policy(model, torch.bfloat16)
+    loaded = model.state_dict()
+    for k, v in source.items():
+        assert torch.equal(loaded[k], v.to(loaded[k].dtype)), k
+    # 2. a bf16 file into a bf16-built model (no dtype given): the construction applied the same policy
+    model2 = CausalWanS2V(cfg, dtype=torch.bfloat16, device="meta")
+    load_state_dict_strict(model2, {k: v.to(torch.bfloat16) for k, v in source.items()}, what="DiT")
+    assert _dtypes(model2) == _policy(model2, torch.bfloat16)
+    # 3. a float64 model keeps everything float64 ("at least fp32")
+    model3 = CausalWanS2V(cfg, dtype=torch.float64, device="meta")
+    load_state_dict_strict(model3, source, what="DiT", dtype=torch.float64)
+    assert set(_dtypes(model3).values()) == {torch.float64}
+
+
+def test_seeded_bf16_models_follow_the_same_policy():
+    from models.liveavatar import LiveAvatarConfig, build_models
+
+    models = build_models(LiveAvatarConfig.load("tiny"), dtype=torch.bfloat16, seed=0, parts={"dit"})
+    assert _dtypes(models.dit) == _policy(models.dit, torch.bfloat16)
+

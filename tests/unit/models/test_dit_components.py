@@ -11,8 +11,10 @@ from models.audio_adapter import AdaLayerNorm, AudioInjector
 from models.config import DiTConfig, ModelInputError
 from models.dit import CausalWanS2V, sinusoidal_embedding
 from models.kv_cache import KVCache, SinkCache
-from models.motioner import FramePackMotioner, framepack_positions
+from models.motioner import FramePackMotioner, framepack_mode, framepack_positions, framepack_token_count
 from models.rope import rope_table
+
+pytestmark = pytest.mark.unit
 
 CFG = DiTConfig.tiny()
 HW = (8, 8)
@@ -61,7 +63,6 @@ def layer0_kv(model, tokens, t):
     return k.view(split), v.view(split)
 
 
-@pytest.mark.unit
 def test_sinusoid_is_cos_then_sin_in_float64():
     t = torch.tensor([0.0, 8.9286, 602.1506, 1000.0])
     emb = sinusoidal_embedding(256, t)
@@ -73,7 +74,6 @@ def test_sinusoid_is_cos_then_sin_in_float64():
     torch.testing.assert_close(emb, want, atol=1e-12, rtol=0)
 
 
-@pytest.mark.unit
 def test_sink_stores_unroped_keys_at_t0(setup):
     model, _, sink, ref, motion = setup
     w = model.trainable_cond_mask.weight
@@ -90,7 +90,6 @@ def test_sink_stores_unroped_keys_at_t0(setup):
     torch.testing.assert_close(sink.v[0], v, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.unit
 def test_ring_stores_roped_keys_at_absolute_frames(setup):
     model, text, sink, _, _ = setup
     x, f0, t = rand(1, 16, 3, *HW, seed=4), 9, 700.0
@@ -111,7 +110,6 @@ def test_ring_stores_roped_keys_at_absolute_frames(setup):
     torch.testing.assert_close(kv.v[0][:, slots], v, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.unit
 def test_audio_tokens_per_latent_frame_are_causal(setup):
     enc = setup[0].casual_audio_encoder
     audio = rand(2, 5, CFG.audio_dim, 12, seed=6)
@@ -125,6 +123,7 @@ def test_audio_tokens_per_latent_frame_are_causal(setup):
             pert[..., j] += 1.0
             tok2, glob2 = enc(pert)
             s = j // 4
+            # same shapes, same kernels in the same order: slots before s see unchanged inputs, exactly
             assert torch.equal(tok2[:, :s], tok[:, :s]) and torch.equal(glob2[:, :s], glob[:, :s])
             assert (tok2[:, s] - tok[:, s]).abs().max() > 1e-6
         pert = audio.clone()
@@ -141,7 +140,6 @@ def test_audio_tokens_per_latent_frame_are_causal(setup):
         torch.testing.assert_close(glob, glo[:, -3:], atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.unit
 def test_audio_blocks_are_encoded_independently_and_layer_mix_is_normalised(setup):
     enc = setup[0].casual_audio_encoder
     audio = rand(1, 5, CFG.audio_dim, 24, seed=7)
@@ -160,7 +158,6 @@ def test_audio_blocks_are_encoded_independently_and_layer_mix_is_normalised(setu
     torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)    # sum(w f) / sum(w) with equal f
 
 
-@pytest.mark.unit
 def test_audio_injection_is_per_latent_frame():
     torch.manual_seed(1)
     inj = AudioInjector(CFG).double()
@@ -175,7 +172,6 @@ def test_audio_injection_is_per_latent_frame():
             assert diff[0] == 0 and diff[2] == 0 and diff[1] > 1e-6
 
 
-@pytest.mark.unit
 def test_adaln_applies_shift_first_then_scale():
     ada = AdaLayerNorm(8, eps=1e-5).double()
     shift, scale = rand(8, seed=13), rand(8, seed=14)
@@ -188,7 +184,6 @@ def test_adaln_applies_shift_first_then_scale():
     torch.testing.assert_close(ada(x, rand(2, 8, seed=16)), want, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.unit
 def test_framepack_padding_and_drop_modes():
     torch.manual_seed(2)
     fp = FramePackMotioner(CFG).double()
@@ -196,11 +191,12 @@ def test_framepack_padding_and_drop_modes():
     with torch.no_grad():
         full = fp(m)
         assert full.shape[1] == len(framepack_positions(CFG, HW)) == 16 + 4 + 4
-        short = fp(m[:, :, -5:])
+        short = fp(m[:, :, -5:])  # zero-padded to 19 frames inside: then the same ops on the same tensor
         torch.testing.assert_close(short, fp(torch.cat([torch.zeros_like(m[:, :, :14]), m[:, :, -5:]], 2)),
                                    atol=0, rtol=0)
         zeroed = m.clone()
         zeroed[:, :, -1] = 0
+        # add_last_motion=1 zeroes the nearest latent inside: the same tensor, then the same ops
         torch.testing.assert_close(fp(m, add_last_motion=1), fp(zeroed), atol=0, rtol=0)
     drop_cfg = DiTConfig.tiny(framepack_drop_mode="drop")
     fpd = FramePackMotioner(drop_cfg).double()
@@ -208,10 +204,38 @@ def test_framepack_padding_and_drop_modes():
     with torch.no_grad():
         kept = fpd(m, add_last_motion=1)
     assert kept.shape[1] == len(framepack_positions(drop_cfg, HW, add_last_motion=1)) == 8
+    # exact: "drop" runs the same per-bucket convs on the same 19-frame input and discards a bucket
     torch.testing.assert_close(kept, full[:, 16:], atol=0, rtol=0)
 
 
-@pytest.mark.unit
+@pytest.mark.parametrize("drop_mode", ["padd", "drop"])
+@pytest.mark.parametrize("add_last_motion", [True, False])
+def test_the_motion_token_count_is_what_every_user_gets(drop_mode, add_last_motion):
+    """framepack_token_count against the token grids worked out by hand (h, w = 8, patch 2: 16, 4 and
+    4 tokens per bucket) and against everything that makes or holds motion tokens."""
+    from models.flops import sink_token_count
+    from models.kv_cache import sink_positions
+
+    cfg = DiTConfig.tiny(framepack_drop_mode=drop_mode, add_last_motion=add_last_motion)
+    assert framepack_mode(cfg) == (2 if add_last_motion else 0)
+    by_hand = {("padd", True): 24, ("padd", False): 24, ("drop", True): 24, ("drop", False): 4}
+    count = framepack_token_count(cfg, HW)
+    assert count == by_hand[drop_mode, add_last_motion]
+    fp = FramePackMotioner(cfg)
+    with torch.no_grad():
+        tokens = fp(torch.zeros(1, cfg.in_dim, 19, *HW), framepack_mode(cfg))
+    assert tokens.shape[1] == len(framepack_positions(cfg, HW, framepack_mode(cfg))) == count
+    pos, n_ref = sink_positions(cfg, HW)
+    assert n_ref == 16 and len(pos) == n_ref + count == sink_token_count(cfg, HW)
+    for mode, dropped_tokens in ((2, 0), (1, 16), (0, 20)):    # drop mode removes post (16), then 2x (4)
+        want = 24 - (dropped_tokens if drop_mode == "drop" else 0)
+        assert framepack_token_count(cfg, HW, mode) == want
+        with torch.no_grad():
+            assert fp(torch.zeros(1, cfg.in_dim, 19, *HW), mode).shape[1] == want
+    with pytest.raises(ModelInputError, match="add_last_motion"):
+        framepack_token_count(cfg, HW, 3)
+
+
 def test_unpatchify_uses_the_reference_layout(setup):
     model = setup[0]
     y = rand(2, 16, 3, 8, 12, seed=18)
@@ -219,7 +243,6 @@ def test_unpatchify_uses_the_reference_layout(setup):
     assert torch.equal(model.unpatchify(tokens, 3, (4, 6)), y)
 
 
-@pytest.mark.unit
 def test_no_pose_equals_zero_pose_and_text_padding_is_zeros(setup):
     model, text, sink, _, _ = setup
     x, a = rand(1, 16, 3, *HW, seed=19), rand(1, 5, CFG.audio_dim, 12, seed=20)
@@ -230,7 +253,7 @@ def test_no_pose_equals_zero_pose_and_text_padding_is_zeros(setup):
             outs.append(model.forward_block(x, 500.0, a, text, kv, sink, 0, 30, pose=pose))
         ctx = rand(1, 9, CFG.text_dim, seed=1)
         padded = torch.cat([ctx, torch.zeros(1, CFG.text_len - 9, CFG.text_dim, dtype=D64)], 1)
-        assert torch.equal(model.embed_text(ctx), model.embed_text(padded))
+        assert torch.equal(model.embed_text(ctx), model.embed_text(padded))  # both padded to text_len inside
     torch.testing.assert_close(outs[0], outs[1], atol=1e-12, rtol=1e-12)
     assert (outs[2] - outs[0]).abs().max() > 1e-4
 
@@ -254,7 +277,6 @@ def _bad_calls():
     }
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("case", sorted(_bad_calls()))
 def test_bad_inputs_raise_clear_value_errors(setup, case):
     model, text, sink, _, _ = setup
@@ -271,7 +293,6 @@ def test_bad_inputs_raise_clear_value_errors(setup, case):
     assert isinstance(err.value, ValueError)
 
 
-@pytest.mark.unit
 def test_bad_text_and_sink_inputs(setup):
     model, text, sink, ref, motion = setup
     with pytest.raises(ModelInputError, match="text context"):

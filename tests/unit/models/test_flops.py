@@ -29,6 +29,8 @@ from models.flops import (
 from models.kv_cache import sink_positions
 from models.vae import VAEConfig
 
+pytestmark = pytest.mark.unit
+
 REF_GRID = (48, 88)          # 384x704 video
 EXACT_720x400_GRID = (50, 90)  # 400x720 video: the §9 "exact 720x400 grid" row (N = 3375)
 TINY_GRID = (8, 8)           # 64x64 video
@@ -46,7 +48,6 @@ def reference_vae():
 
 # ---- the counter itself ------------------------------------------------------------------------
 
-@pytest.mark.unit
 def test_counter_classifies_linear_conv_and_attention_by_hand_formula():
     lin = nn.Linear(24, 40, device="meta")
     conv = nn.Conv3d(16, 32, (1, 2, 2), stride=(1, 2, 2), device="meta")
@@ -63,7 +64,6 @@ def test_counter_classifies_linear_conv_and_attention_by_hand_formula():
 
 # ---- DiT: counted on meta == closed form -------------------------------------------------------
 
-@pytest.mark.unit
 def test_tiny_counted_equals_analytic_first_steady_and_prefill():
     cfg = DiTConfig.tiny()
     counted = count_dit_flops_meta(cfg, TINY_GRID)
@@ -76,7 +76,6 @@ def test_tiny_counted_equals_analytic_first_steady_and_prefill():
     assert counted["steady_state"].linear == counted["first_block"].linear
 
 
-@pytest.mark.unit
 def test_tiny_counts_do_not_depend_on_the_device():
     """A real CPU forward of the tiny model does the same matmuls and convs as the meta count
     (CPU SDPA is a fused op the counter has no formula for, so attention is compared on meta only)."""
@@ -98,7 +97,6 @@ def test_tiny_counts_do_not_depend_on_the_device():
     assert (real.linear, real.conv) == (meta["linear"], meta["conv"])
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("grid", [REF_GRID, EXACT_720x400_GRID])
 def test_reference_counted_equals_analytic(grid, reference_counts):
     counted = reference_counts if grid == REF_GRID else count_dit_flops_meta(DiTConfig(), grid)
@@ -107,7 +105,6 @@ def test_reference_counted_equals_analytic(grid, reference_counts):
     assert counted["sink_prefill"].as_dict() == analytic_flops(DiTConfig(), grid)["sink_prefill"]
 
 
-@pytest.mark.unit
 def test_reference_geometry_matches_section_2(reference_counts):
     pos, n_ref = sink_positions(DiTConfig(), REF_GRID)
     assert reference_counts["tokens_per_block"] == 3168
@@ -118,7 +115,6 @@ def test_reference_geometry_matches_section_2(reference_counts):
     assert analytic_flops(DiTConfig(), EXACT_720x400_GRID)["keys"] == 16278         # §9
 
 
-@pytest.mark.unit
 def test_reference_step_matches_section_9_table(reference_counts):
     steady, first = reference_counts["steady_state"], reference_counts["first_block"]
     t = 1e12
@@ -133,7 +129,6 @@ def test_reference_step_matches_section_9_table(reference_counts):
     assert 0 < (steady.total - sec9) / steady.total < 1e-3
 
 
-@pytest.mark.unit
 def test_exact_720x400_row_of_section_9():
     an = analytic_flops(DiTConfig(), EXACT_720x400_GRID)["step"]
     assert an["linear"] / 1e12 == pytest.approx(87.1, abs=0.05)
@@ -143,7 +138,6 @@ def test_exact_720x400_row_of_section_9():
 
 # ---- VAE decode ---------------------------------------------------------------------------------
 
-@pytest.mark.unit
 def test_vae_decode_counted_equals_analytic():
     tiny = count_vae_decode_flops_meta(VAEConfig.tiny(), TINY_GRID, 3)
     assert tiny == analytic_vae_decode_flops(VAEConfig.tiny(), TINY_GRID, 3)
@@ -151,7 +145,6 @@ def test_vae_decode_counted_equals_analytic():
     assert count_vae_decode_flops_meta(with_attn, TINY_GRID, 2) == analytic_vae_decode_flops(with_attn, TINY_GRID, 2)
 
 
-@pytest.mark.unit
 def test_reference_vae_decode_is_about_section_9(reference_vae):
     assert reference_vae == analytic_vae_decode_flops(VAEConfig(), REF_GRID, 3)
     # §9: "about 25.8 TFLOP per 3-latent block (hooks, scaled)". Our exact count also holds the
@@ -162,7 +155,6 @@ def test_reference_vae_decode_is_about_section_9(reference_vae):
 
 # ---- physical bound -----------------------------------------------------------------------------
 
-@pytest.mark.unit
 def test_physical_bound_reproduces_section_9(reference_counts, reference_vae):
     cfg = DiTConfig()
     kv = 2 * cfg.num_layers * reference_counts["keys_steady_state"] * cfg.dim * 2
@@ -180,7 +172,6 @@ def test_physical_bound_reproduces_section_9(reference_counts, reference_vae):
     assert b["first_frame_floor_ms_bf16"] > 4 * 98e12 / 989e12 * 1e3   # >= 0.4 s of first-block steps
 
 
-@pytest.mark.unit
 def test_device_table_and_bad_inputs():
     assert DEVICE_SPECS["h100-sxm"]["bf16_tflops"] == DEVICE_SPECS["h800-sxm"]["bf16_tflops"]
     assert all("source" in spec for spec in DEVICE_SPECS.values())

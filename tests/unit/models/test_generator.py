@@ -66,7 +66,8 @@ def test_steps_follow_the_scheduler(dit):
     s = gen.start(*sink_inputs(), seed=2)
     out = gen.step_block(s, audio_block(0))
     assert len(out.step_latents) == 4 and torch.equal(out.step_latents[-1], out.latent)
-    # an independent session replays step 2 from step 1's output and must agree bit for bit
+    # an independent session replays step 2 from step 1's output and must agree bit for bit: the
+    # same denoise_step calls on tensors of the same shapes run the same kernels in the same order
     s2 = gen.start(*sink_inputs(), seed=2)
     x = block_noise(2, 0, gen.noise_shape(s2))
     for i in range(4):

@@ -20,8 +20,11 @@ from models.inputs import (
     prepare_reference,
     size_for_area,
 )
+from services.common.examples import examples_dir
 
-EXAMPLES = Path("/work/shared/examples")
+pytestmark = pytest.mark.unit
+
+EXAMPLES = examples_dir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +108,6 @@ def _image_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("rate", [8000, 22050, 24000, 44100, 48000])
 def test_resampler_reproduces_analytic_sine(rate):
     """A 1 kHz tone sampled at `rate` -> the same tone sampled at 16 kHz (computed analytically)."""
@@ -118,7 +120,6 @@ def test_resampler_reproduces_analytic_sine(rate):
     assert np.abs(y[edge:-edge] - ref[edge:-edge]).max() < 1e-4
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("rate", [24000, 44100, 48000])
 def test_resampler_removes_content_above_new_nyquist(rate):
     x = np.sin(2 * np.pi * 9500 * np.arange(rate) / rate)  # would alias to 6.5 kHz at 16 kHz
@@ -126,7 +127,6 @@ def test_resampler_removes_content_above_new_nyquist(rate):
     assert np.sqrt(np.mean(y[400:-400] ** 2)) < 1e-3
 
 
-@pytest.mark.unit
 def test_resampler_streaming_equals_whole_bit_for_bit():
     rng = np.random.default_rng(0)
     x = rng.standard_normal(44100 + 123)
@@ -140,6 +140,8 @@ def test_resampler_streaming_equals_whole_bit_for_bit():
             parts.append(r.push(state, x[pos:pos + size]))
             pos += size
         parts.append(r.flush(state))
+        # exact: every output sample is accumulated tap by tap in the same fixed order, element-wise
+        # (no reduction whose order depends on the chunk), from the same buffered input samples
         assert np.array_equal(np.concatenate(parts), whole)
 
 
@@ -148,7 +150,6 @@ def test_resampler_streaming_equals_whole_bit_for_bit():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.unit
 def test_example_wav_decodes_like_plain_parser():
     path = EXAMPLES / "cyclops_baker.wav"
     raw, rate = _read_float_wav(path)
@@ -160,7 +161,6 @@ def test_example_wav_decodes_like_plain_parser():
     assert np.array_equal(load_audio(path.read_bytes(), max_seconds=60), got)  # bytes == path
 
 
-@pytest.mark.unit
 def test_int16_stereo_wav_downmix_and_resample():
     rate = 44100
     t = np.arange(rate) / rate
@@ -171,7 +171,6 @@ def test_int16_stereo_wav_downmix_and_resample():
     assert np.abs(got[400:-400] - ref[400:-400]).max() < 2e-4  # int16 quantisation
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("fmt,codec,rate", [("flac", "flac", 44100), ("ogg", "libopus", 48000),
                                              ("mp3", "libmp3lame", 44100), ("adts", "aac", 22050)])
 def test_compressed_formats(fmt, codec, rate):
@@ -185,7 +184,6 @@ def test_compressed_formats(fmt, codec, rate):
         assert np.abs(got[400:-400] - ref[400:-400]).max() < 2e-4
 
 
-@pytest.mark.unit
 def test_audio_errors(tmp_path):
     with pytest.raises(InputError, match="empty"):
         load_audio(b"", max_seconds=10)
@@ -225,7 +223,6 @@ def test_audio_errors(tmp_path):
         load_audio(12345, max_seconds=10)
 
 
-@pytest.mark.unit
 def test_pcm_from_bytes():
     rng = np.random.default_rng(1)
     ints = rng.integers(-32768, 32767, size=(1600, 2)).astype("<i2")
@@ -258,7 +255,6 @@ def test_pcm_from_bytes():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("name,shape", [("cyclops_baker", (400, 720, 3)), ("kitchen_grandmother", (720, 400, 3)),
                                         ("music_producer", (400, 720, 3))])
 def test_example_jpegs(name, shape):
@@ -269,7 +265,6 @@ def test_example_jpegs(name, shape):
         np.testing.assert_array_equal(img, np.asarray(ref.convert("RGB")))
 
 
-@pytest.mark.unit
 def test_alpha_is_composited_on_white():
     rgba = np.zeros((4, 6, 4), dtype=np.uint8)
     rgba[..., 0], rgba[..., 1], rgba[..., 2] = 200, 40, 10
@@ -289,7 +284,6 @@ def test_alpha_is_composited_on_white():
     assert (load_image(_image_bytes(pal, "PNG", transparency=0), max_pixels=100) == 255).all()
 
 
-@pytest.mark.unit
 def test_cmyk_grayscale_and_16bit():
     rng = np.random.default_rng(2)
     rgb = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # smooth blocks
@@ -308,7 +302,6 @@ def test_cmyk_grayscale_and_16bit():
     np.testing.assert_array_equal(got[..., 0], np.round(deep / 257).astype(np.uint8))
 
 
-@pytest.mark.unit
 def test_exif_orientation_is_applied():
     arr = np.zeros((20, 40, 3), dtype=np.uint8)
     arr[:10, :20] = [255, 0, 0]  # red top-left quadrant
@@ -318,7 +311,6 @@ def test_exif_orientation_is_applied():
     np.testing.assert_array_equal(got, np.rot90(arr, k=-1))  # clockwise
 
 
-@pytest.mark.unit
 def test_image_errors(tmp_path):
     with pytest.raises(InputError, match="empty"):
         load_image(b"", max_pixels=100)
@@ -348,7 +340,6 @@ def test_image_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.unit
 def test_size_for_area_published_examples():
     assert size_for_area(400, 720) == (384, 704)
     assert size_for_area(720, 400) == (704, 384)
@@ -370,7 +361,6 @@ def _brute_force_size(h, w, area, m, steps=20000):
     return m, m
 
 
-@pytest.mark.unit
 def test_size_for_area_matches_dense_scan():
     rng = np.random.default_rng(3)
     cases = [(int(rng.integers(100, 3000)), int(rng.integers(100, 3000))) for _ in range(25)]
@@ -381,7 +371,6 @@ def test_size_for_area_matches_dense_scan():
             assert got[0] % m == 0 and got[1] % m == 0 and got[0] * got[1] <= area
 
 
-@pytest.mark.unit
 def test_size_for_area_errors():
     with pytest.raises(InputError, match="positive integer"):
         size_for_area(0, 10)
@@ -389,7 +378,6 @@ def test_size_for_area_errors():
         size_for_area(100, 100, area=100, multiple=64)
 
 
-@pytest.mark.unit
 def test_prepare_reference_center_crop_and_range():
     img = np.zeros((100, 300, 3), dtype=np.uint8)
     img[:, :] = [255, 0, 0]
@@ -410,7 +398,6 @@ def test_prepare_reference_center_crop_and_range():
     assert out.shape == (3, 704, 384) and out.min() >= -1 and out.max() <= 1
 
 
-@pytest.mark.unit
 def test_prepare_reference_errors():
     with pytest.raises(InputError, match="uint8"):
         prepare_reference(np.zeros((4, 4, 3), dtype=np.float32), 4, 4)

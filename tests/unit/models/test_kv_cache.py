@@ -9,6 +9,8 @@ from models.dit import CausalWanS2V
 from models.kv_cache import KVCache, SinkCache, sink_positions
 from models.motioner import framepack_positions
 
+pytestmark = pytest.mark.unit
+
 TINY = DiTConfig.tiny()
 HW = (8, 8)          # latent grid -> 4x4 patch grid -> 16 tokens per frame
 
@@ -28,7 +30,6 @@ def _visible_frames(kv, window):
     return frames
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("block", [3, 5, 12])
 def test_ring_holds_exactly_the_last_capacity_frames(block):
     kv = KVCache.allocate(TINY, 1, HW)
@@ -45,7 +46,6 @@ def test_ring_holds_exactly_the_last_capacity_frames(block):
     assert (kv.start_frame, kv.end_frame) == (end - cap, end)
 
 
-@pytest.mark.unit
 def test_rerun_gap_and_out_of_range_blocks():
     kv = KVCache.allocate(TINY, 1, HW)
     fsl = kv.frame_seq_len
@@ -70,7 +70,6 @@ def test_rerun_gap_and_out_of_range_blocks():
     assert _visible_frames(kv, w) == [3000, 3001, 3002]
 
 
-@pytest.mark.unit
 def test_real_size_cache_geometry_on_meta():
     cfg = DiTConfig()
     kv = KVCache.allocate(cfg, 1, (48, 88), device="meta", dtype=torch.bfloat16)
@@ -83,7 +82,6 @@ def test_real_size_cache_geometry_on_meta():
         KVCache.allocate(cfg, 1, (45, 88))
 
 
-@pytest.mark.unit
 def test_framepack_positions_at_384x704():
     pos = framepack_positions(DiTConfig(), (48, 88))
     t, h, w = pos.t.numpy(), pos.h.numpy(), pos.w.numpy()
@@ -100,7 +98,6 @@ def test_framepack_positions_at_384x704():
         assert np.all(np.diff(hs) >= 1)
 
 
-@pytest.mark.unit
 def test_sink_ref_group_moves_and_motion_stays():
     sink = SinkCache.allocate(TINY, 1, HW)
     before = sink.positions.t.clone()
@@ -111,7 +108,6 @@ def test_sink_ref_group_moves_and_motion_stays():
     assert torch.equal(sink.positions.t, before)                  # not mutated
 
 
-@pytest.mark.unit
 def test_cache_bytes_are_flat_while_a_stream_advances():
     torch.manual_seed(0)
     model = CausalWanS2V(TINY)

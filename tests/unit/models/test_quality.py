@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.mouth import FPS, SAMPLES_PER_FRAME, mouth_envelope
 from models.quality import metrics as M
 from models.quality.probes import (
     PROBES_DIR,
@@ -32,14 +33,7 @@ from models.quality.probes import (
     train_probes,
 )
 from models.quality.report import EvaluationError, Evaluator, QualityReport, evaluate, write_report
-from models.training.synthetic import (
-    FPS,
-    SAMPLES_PER_FRAME,
-    face_params,
-    mouth_envelope,
-    reference_image,
-    sample_clip,
-)
+from models.training.synthetic import face_params, reference_image, sample_clip
 
 pytestmark = pytest.mark.unit
 
@@ -270,6 +264,8 @@ def test_probe_training_resumes_exactly_and_saves(tmp_path, monkeypatch):
         train_probes(tmp_path / "a", cfg, progress=False, save_every=2)
     resumed = train_probes(tmp_path / "a", cfg, progress=False, save_every=2)     # resumes at step 2
     assert len(calls) == 4 + 2 + cfg.identity_steps
+    # exact: the checkpoint restores the probes bit for bit and every step runs the same ops on the
+    # same batch shapes in this process
     for x, y in zip(resumed.mouth.state_dict().values(), fresh.mouth.state_dict().values()):
         assert torch.equal(x, y)
     for x, y in zip(resumed.identity.state_dict().values(), fresh.identity.state_dict().values()):
@@ -355,6 +351,8 @@ def test_streaming_envelope_and_report_do_not_depend_on_chunking():
         ev.add_audio(part)
     streamed = ev.finish()
     expected = mouth_envelope(pcm, 70)                            # what the video's frames heard
+    # exact: a frame's value depends only on its own 640 samples (a row-wise mean of fixed length)
+    # and its neighbours, so the streamed pieces run the same ops on the same samples
     np.testing.assert_array_equal(streamed.per_frame.envelope, expected.astype(np.float64))
     np.testing.assert_array_equal(whole.per_frame.envelope, expected.astype(np.float64))
     for key in ("identity", "sharpness", "colour_drift"):

@@ -1,14 +1,21 @@
-"""3D RoPE: on-the-fly float64 angles vs the reference-style 45000-row table, and far positions."""
+"""3D RoPE: on-the-fly float64 angles vs the reference-style 45000-row table, and far positions.
+
+The table comparisons are exact (``torch.equal``) because both sides run the same element-wise
+operations on every entry: one float64 product ``position * frequency`` and ``torch.polar``'s
+per-element cos/sin, in one process. There is no reduction, so the tensor shapes (which differ in
+the mixed-axes case) do not change a value.
+"""
 
 import pytest
 import torch
 
 from models.rope import RopeFactors, RopePositions, apply_rope, rope_factors, rope_split, rope_table
 
+pytestmark = pytest.mark.unit
+
 TABLE_LEN = 45000
 
 
-@pytest.mark.unit
 def test_band_split():
     assert rope_split(128) == (44, 42, 42)
     assert rope_split(16) == (8, 4, 4)
@@ -16,7 +23,6 @@ def test_band_split():
         rope_split(7)
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("head_dim", [128, 16])
 def test_on_the_fly_equals_table_where_defined(head_dim):
     table = rope_table(TABLE_LEN, head_dim)                      # complex128 [45000, d/2]
@@ -31,7 +37,6 @@ def test_on_the_fly_equals_table_where_defined(head_dim):
     assert torch.equal(f.cos, want.real) and torch.equal(f.sin, want.imag)
 
 
-@pytest.mark.unit
 def test_negative_positions_are_table_conjugates():
     """Motion tokens: the reference looks up |p| and conjugates."""
     table = rope_table(64, 128)
@@ -41,7 +46,6 @@ def test_negative_positions_are_table_conjugates():
     assert torch.equal(f.cos, ref.real) and torch.equal(f.sin, ref.imag)
 
 
-@pytest.mark.unit
 def test_fp16_quantised_factors_match_reference_rounding():
     table = rope_table(TABLE_LEN, 128)
     p = torch.arange(TABLE_LEN)
@@ -50,7 +54,6 @@ def test_fp16_quantised_factors_match_reference_rounding():
     assert torch.equal(f.sin, table.imag.half().double())
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_apply_rope_is_the_adjacent_pair_complex_product(dtype):
     g = torch.Generator().manual_seed(0)
@@ -67,7 +70,6 @@ def test_apply_rope_is_the_adjacent_pair_complex_product(dtype):
     torch.testing.assert_close(out.double(), ref.reshape(2, 50, 3, 128), atol=tol, rtol=tol)
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("far", [75_000 * 3, 75_000 * 3 * 10])
 def test_far_positions_are_finite_and_keep_rope_relative_property(far):
     """Beyond the reference table (45000 frames), angles stay exact enough that attention
@@ -92,7 +94,6 @@ def test_far_positions_are_finite_and_keep_rope_relative_property(far):
         assert ((f.cos ** 2 + f.sin ** 2 - 1).abs() < (2e-3 if fp16 else 1e-12)).all()
 
 
-@pytest.mark.unit
 def test_factor_shape_mismatch_is_a_clear_error():
     f = RopeFactors(torch.ones(3, 64, dtype=torch.float64), torch.zeros(3, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match="RoPE factors"):

@@ -10,12 +10,13 @@ from models.scheduler import (
     compute_schedule,
 )
 
+pytestmark = pytest.mark.unit
+
 # Printed from the reference's scheduler (reference notes §3); rounded there to ~7 digits.
 PUBLISHED_TIMESTEPS = [1000.0, 857.6923, 602.1506, 8.9286]
 PUBLISHED_SIGMAS = [1.0, 0.857692, 0.602151, 0.0089286, 0.0]
 
 
-@pytest.mark.unit
 def test_schedule_matches_published_values():
     sched = FlowMatchScheduler(SchedulerConfig())
     assert sched.timesteps.dtype == torch.float32 and sched.sigmas.dtype == torch.float32
@@ -25,7 +26,6 @@ def test_schedule_matches_published_values():
     assert sched.timestep(3) > 8.0
 
 
-@pytest.mark.unit
 def test_schedule_closed_form_float64():
     """Independent closed form: the inverse shift of the inference grid is linear in i."""
     n, shift, steps = 1000, 3.0, 4
@@ -41,7 +41,6 @@ def test_schedule_closed_form_float64():
     assert sigmas[-1] == 0.0
 
 
-@pytest.mark.unit
 def test_step_is_fp32_euler_and_keeps_dtype():
     sched = FlowMatchScheduler()
     g = torch.Generator().manual_seed(1)
@@ -58,7 +57,6 @@ def test_step_is_fp32_euler_and_keeps_dtype():
         assert bool((diff <= ulp).all())
 
 
-@pytest.mark.unit
 def test_four_steps_with_exact_velocity_recover_x0():
     """With the true velocity noise - x0, Euler on a straight path is exact: ends at x0."""
     sched = FlowMatchScheduler()
@@ -73,7 +71,6 @@ def test_four_steps_with_exact_velocity_recover_x0():
     assert torch.allclose(x, x0, atol=1e-6)
 
 
-@pytest.mark.unit
 def test_add_noise_per_sample_sigma():
     x0 = torch.ones(2, 3)
     noise = torch.zeros(2, 3)
@@ -82,7 +79,6 @@ def test_add_noise_per_sample_sigma():
     assert torch.equal(out, torch.tensor([[0.75] * 3, [0.0] * 3]))
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("bad", [-1, 4, 1.0, True])
 def test_bad_step_index(bad):
     sched = FlowMatchScheduler()
@@ -91,7 +87,6 @@ def test_bad_step_index(bad):
         sched.step(x, x, bad)
 
 
-@pytest.mark.unit
 def test_bad_config_and_shapes():
     with pytest.raises(SchedulerConfigError, match="shift"):
         SchedulerConfig(shift=0.0)

@@ -91,7 +91,7 @@ def test_shipped_vae_holds_the_streaming_steady_state():
     assert late < 1.5 * early and late < 0.6 * np.mean(random[-5:]), (shipped, random)
 
 
-def test_shipped_model_beats_random_weights_on_identity_and_lip_sync(shared_examples, tmp_path):
+def test_shipped_model_beats_random_weights_on_identity_and_lip_sync(examples, tmp_path):
     """Held-out faces (one light-, one dark-skinned), held-out real speech: the shipped model's video
     looks like the reference, follows the speech clearly better than the same architecture with seeded
     random weights, and the mouth visibly moves (v3, whose VAE washed dark mouths out, had 0.2 % of the
@@ -102,7 +102,7 @@ def test_shipped_model_beats_random_weights_on_identity_and_lip_sync(shared_exam
     from pipeline_stages.sequential import SequentialRunner, SessionSpec
 
     torch.set_num_threads(1)
-    pcm = SpeechCorpus(tmp_path, shared_examples, num_synth=0).held_out_example()[:6 * syn.SAMPLE_RATE]
+    pcm = SpeechCorpus(tmp_path, examples, num_synth=0).held_out_example()[:6 * syn.SAMPLE_RATE]
     probes = load_probes()
     config = LiveAvatarConfig.load(SHIPPED_SPEC)
     shipped_models = build_models(config, checkpoint=SHIPPED_CHECKPOINT)

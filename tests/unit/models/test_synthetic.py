@@ -1,8 +1,7 @@
-"""The synthetic talking-avatar domain: faces, audio envelope, motion, rendering, dataset, speech.
+"""The synthetic talking-avatar domain: faces, motion, rendering, dataset, speech.
 
-Geometry checks recompute the mouth and eye boxes from the documented FaceParams geometry; the
-envelope is checked against a loop-by-loop reimplementation of its documented definition and a
-sine burst; speech lengths are checked against espeak-ng run directly and the raw WAV length.
+Geometry checks recompute the mouth and eye boxes from the documented FaceParams geometry (the
+audio envelope the mouth follows is tested in test_mouth.py); speech lengths are checked against espeak-ng run directly and the raw WAV length.
 """
 
 import dataclasses
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from models.inputs import load_audio
+from models.mouth import mouth_envelope
 from models.training import speech as speech_mod
 from models.training import synthetic as syn
 from models.training.speech import (
@@ -41,12 +41,13 @@ from models.training.synthetic import (
     SyntheticError,
     face_params,
     make_motion,
-    mouth_envelope,
     reference_image,
     render_clip,
     render_frame,
     sample_clip,
 )
+
+pytestmark = pytest.mark.unit
 
 S = 64
 MARGIN_PX = 1.5  # one anti-aliasing pixel plus half a pixel for the pixel-centre grid
@@ -73,7 +74,6 @@ def _box_mask(cx: float, cy: float, half_w: float, half_h: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.unit
 def test_face_params_is_a_pure_function_of_identity_and_seed():
     assert face_params(7) == face_params(7)
     assert face_params(7, seed=3) == face_params(7, seed=3)
@@ -86,7 +86,6 @@ def test_face_params_is_a_pure_function_of_identity_and_seed():
             face_params(bad)
 
 
-@pytest.mark.unit
 def test_every_hair_style_background_and_accessory_occurs():
     faces = [face_params(i) for i in range(400)]
     assert {f.hair_style for f in faces} == set(syn.HAIR_STYLES)
@@ -94,7 +93,6 @@ def test_every_hair_style_background_and_accessory_occurs():
     assert {f.accessory for f in faces} == set(syn.ACCESSORIES)
 
 
-@pytest.mark.unit
 def test_identities_differ_more_than_one_identity_differs_from_itself():
     """Threshold: the largest change one identity goes through while animating (mouth wide open,
     eyes shut, head at the edge of its sway: +2.5 px, +2 px). Two different identities must
@@ -109,65 +107,6 @@ def test_identities_differ_more_than_one_identity_differs_from_itself():
     between[np.arange(n), np.arange(n)] = np.inf
     assert within > 3.0  # the animation itself is visible
     assert between.min() > within, (between.min(), within)
-
-
-# ---------------------------------------------------------------------------------------------
-# Audio envelope
-# ---------------------------------------------------------------------------------------------
-
-
-def _envelope_by_loops(pcm: np.ndarray, num_frames: int) -> np.ndarray:
-    """The documented envelope, computed one frame and one sample at a time."""
-    level = []
-    for t in range(num_frames):
-        chunk = [float(pcm[k]) if k < len(pcm) else 0.0
-                 for k in range(t * SAMPLES_PER_FRAME, (t + 1) * SAMPLES_PER_FRAME)]
-        rms = math.sqrt(sum(v * v for v in chunk) / len(chunk))
-        db = 20 * math.log10(rms) if rms > 0 else -math.inf
-        level.append(min(1.0, max(0.0, (db - syn.ENVELOPE_FLOOR_DB)
-                                  / (syn.ENVELOPE_LOUD_DB - syn.ENVELOPE_FLOOR_DB))))
-    out = []
-    for t in range(num_frames):
-        prev, nxt = level[max(t - 1, 0)], level[min(t + 1, num_frames - 1)]
-        out.append(0.25 * prev + 0.5 * level[t] + 0.25 * nxt)
-    return np.array(out)
-
-
-@pytest.mark.unit
-def test_envelope_matches_its_definition():
-    pcm = _speech_like(1.3, seed=1) * np.float32(0.5)
-    pcm[:SAMPLES_PER_FRAME] = 0.1  # a loud first frame: exercises the edge handling
-    num_frames = 40  # longer than the audio: the tail is silence
-    env = mouth_envelope(pcm, num_frames)
-    assert env.dtype == np.float32 and env.shape == (num_frames,)
-    np.testing.assert_allclose(env, _envelope_by_loops(pcm, num_frames), atol=1e-5)
-    assert mouth_envelope(pcm).shape == (math.ceil(len(pcm) / SAMPLES_PER_FRAME),)
-    assert 0.2 < env[:30].mean() < 0.95 and np.all(env[-5:] == 0.0)
-
-
-@pytest.mark.unit
-def test_envelope_of_silence_is_zero_and_a_burst_is_seen_exactly_where_it_is():
-    assert np.array_equal(mouth_envelope(np.zeros(30 * SAMPLES_PER_FRAME, np.float32)), np.zeros(30))
-    # a 220 Hz sine at amplitude 0.5 (RMS 0.35, -9 dBFS) in frames 10..19 of 30
-    pcm = np.zeros(30 * SAMPLES_PER_FRAME, np.float32)
-    span = np.arange(10 * SAMPLES_PER_FRAME, 20 * SAMPLES_PER_FRAME)
-    pcm[span] = 0.5 * np.sin(2 * np.pi * 220 * span / SAMPLE_RATE)
-    env = mouth_envelope(pcm)
-    assert np.all(env[10:20] >= 0.75) and np.all(env[11:19] > 0.99)
-    assert np.all(env[9] <= 0.25) and np.all(env[20] <= 0.25)
-    assert np.all(env[:9] == 0) and np.all(env[21:] == 0)
-    # louder speech opens the mouth wider
-    quiet, loud = mouth_envelope(pcm * 0.05), mouth_envelope(pcm * 1.0)
-    assert loud[12:18].mean() > quiet[12:18].mean() + 0.3
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("bad, match", [(np.zeros((2, 640), np.float32), "1-D"),
-                                        (np.array([0.0, np.nan], np.float32), "NaN"),
-                                        ([0.0] * 640, "numpy")])
-def test_envelope_rejects_bad_pcm(bad, match):
-    with pytest.raises(SyntheticError, match=match):
-        mouth_envelope(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +133,6 @@ def _eye_boxes(f, dx: float, dy: float) -> np.ndarray:
     return mask
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("identity", [0, 3, 11, 42, 123])
 def test_mouth_opening_changes_only_the_mouth_box_and_shows_a_dark_interior(identity):
     f, dx, dy = face_params(identity), 0.3, -0.4
@@ -215,7 +153,6 @@ def test_mouth_opening_changes_only_the_mouth_box_and_shows_a_dark_interior(iden
     assert np.abs(wide[row, col] - np.array(syn._MOUTH_DARK)).max() <= 25
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("identity", [0, 3, 11, 42, 123, 905])
 def test_mouth_mask_holds_every_pixel_the_mouth_changes_and_moves_with_the_head(identity):
     """Per frame, the pixels that differ between an open and a closed mouth (same head offset) all lie
@@ -238,7 +175,6 @@ def test_mouth_mask_holds_every_pixel_the_mouth_changes_and_moves_with_the_head(
         syn.mouth_mask(f, "not motion")
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("identity", [1, 4, 9, 42, 77])
 def test_blink_changes_only_the_eye_boxes(identity):
     f, dx, dy = face_params(identity), -0.6, 0.7
@@ -249,7 +185,6 @@ def test_blink_changes_only_the_eye_boxes(identity):
     assert (np.abs(open_ - shut).sum(axis=-1) > 30).sum() >= 6
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("dx", [0.1, 0.25, 0.5, 1.0, 2.0, -1.5])
 def test_dx_moves_the_head_by_dx_pixels_even_below_one_pixel(dx):
     """Centroid of the head (pixels differing from a uniform background, rows above the head
@@ -266,7 +201,6 @@ def test_dx_moves_the_head_by_dx_pixels_even_below_one_pixel(dx):
     assert centroid_x(dx) - centroid_x(0.0) == pytest.approx(dx, abs=0.05)
 
 
-@pytest.mark.unit
 def test_render_shapes_sizes_and_bad_input():
     f = face_params(2)
     frame = render_frame(f, 0.4, 0.5, 0.5, 1.0)
@@ -286,7 +220,6 @@ def test_render_shapes_sizes_and_bad_input():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.unit
 def test_motion_mouth_is_the_envelope_sway_is_small_and_smooth_blinks_happen():
     num_frames = 10 * FPS
     pcm = _speech_like(10.0, seed=2)
@@ -305,7 +238,6 @@ def test_motion_mouth_is_the_envelope_sway_is_small_and_smooth_blinks_happen():
     assert starts.size >= 2 and np.all(np.diff(starts) >= syn.BLINK_INTERVAL_S[0] * FPS - 1)
 
 
-@pytest.mark.unit
 def test_sample_clip_is_deterministic_and_consistent():
     num_frames = 12
     pcm = _speech_like(1.0, seed=3)
@@ -328,13 +260,14 @@ def test_sample_clip_is_deterministic_and_consistent():
     assert np.array_equal(render_clip(f, a.motion), a.frames)
 
 
-@pytest.mark.unit
 def test_a_slice_of_a_clip_renders_only_those_frames_and_equals_the_whole_clips_slice():
     data = SyntheticDataset([_speech_like(3.0, seed=1)], [4, 9], num_frames=21, seed=2)
     for i, frames in ((0, slice(0, 9)), (1, slice(7, 8)), (2, slice(13, None))):
         whole, part = data[i], data.get(i, frames)
         start, stop, _ = frames.indices(21)
         assert part.identity == whole.identity and part.frames.shape[0] == stop - start
+        # exact: the motion is made for the whole clip first, then each kept frame is drawn by the
+        # same per-frame code from the same values
         for field in ("frames", "mouth"):
             assert np.array_equal(getattr(part, field), getattr(whole, field)[frames])
         assert np.array_equal(part.pcm, whole.pcm[start * SAMPLES_PER_FRAME:stop * SAMPLES_PER_FRAME])
@@ -346,7 +279,6 @@ def test_a_slice_of_a_clip_renders_only_those_frames_and_equals_the_whole_clips_
             data.get(0, bad)
 
 
-@pytest.mark.unit
 def test_sample_clip_rejects_short_or_bad_pcm():
     with pytest.raises(SyntheticError, match="too short"):
         sample_clip(0, np.zeros(10 * SAMPLES_PER_FRAME - 1, np.float32), 10, seed=0)
@@ -359,7 +291,6 @@ def test_sample_clip_rejects_short_or_bad_pcm():
                np.ones(3, np.float32))
 
 
-@pytest.mark.unit
 def test_dataset_is_deterministic_loops_short_clips_and_inserts_pauses():
     speech = [_speech_like(3.0, seed=6), _speech_like(0.5, seed=7)]  # the second is too short
     num_frames = 25  # 1 s
@@ -405,7 +336,6 @@ def _wav_bytes(samples: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.unit
 def test_parse_wav_reads_a_streamed_header_with_placeholder_sizes():
     samples = (np.arange(-500, 500) * 30).astype(np.int16)
     data = bytearray(_wav_bytes(samples, 22050))
@@ -419,7 +349,6 @@ def test_parse_wav_reads_a_streamed_header_with_placeholder_sizes():
         parse_wav_pcm16(b"not a wav file")
 
 
-@pytest.mark.unit
 def test_synthesize_errors(monkeypatch):
     with pytest.raises(SpeechInputError, match="text"):
         synthesize("   ")
@@ -432,7 +361,6 @@ def test_synthesize_errors(monkeypatch):
 
 
 @needs_espeak
-@pytest.mark.unit
 def test_synthesize_returns_16khz_audio_of_espeak_length():
     text, voice, speed, pitch = "-hello there, how are you", "en-us+f2", 150, 60
     pcm = synthesize(text, voice=voice, speed=speed, pitch=pitch)
@@ -447,12 +375,11 @@ def test_synthesize_returns_16khz_audio_of_espeak_length():
 
 
 @needs_espeak
-@pytest.mark.unit
-def test_speech_corpus_builds_caches_and_holds_out(tmp_path, shared_examples, monkeypatch):
-    corpus = SpeechCorpus(tmp_path, shared_examples, num_synth=10, seed=0)
+def test_speech_corpus_builds_caches_and_holds_out(tmp_path, examples, monkeypatch):
+    corpus = SpeechCorpus(tmp_path, examples, num_synth=10, seed=0)
     # 1. the held-out example: kitchen_grandmother at 16 kHz, length from the 24 kHz decode
     held = corpus.held_out_example()
-    at_24k = load_audio(shared_examples / HELD_OUT_EXAMPLE, 600, sample_rate=24000)
+    at_24k = load_audio(examples / HELD_OUT_EXAMPLE, 600, sample_rate=24000)
     assert held.dtype == np.float32 and held.shape[0] == math.ceil(at_24k.shape[0] * 2 / 3)
     # 2. splits: 2 other examples + 9 synthetic utterances train; the held-out + utterance 9 eval
     train, evals = corpus.train_clips(), corpus.eval_clips()
@@ -470,9 +397,9 @@ def test_speech_corpus_builds_caches_and_holds_out(tmp_path, shared_examples, mo
         raise AssertionError("synthesize called although the cache exists")
 
     monkeypatch.setattr(speech_mod, "synthesize", boom)
-    again = SpeechCorpus(tmp_path, shared_examples, num_synth=10, seed=0)
+    again = SpeechCorpus(tmp_path, examples, num_synth=10, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(again.train_clips(), train))
     with pytest.raises(AssertionError, match="cache"):  # other settings -> another cache entry
-        SpeechCorpus(tmp_path, shared_examples, num_synth=10, seed=1)
+        SpeechCorpus(tmp_path, examples, num_synth=10, seed=1)
     with pytest.raises(SpeechInputError, match="empty"):
         SpeechCorpus(tmp_path, None, num_synth=0)

@@ -15,6 +15,8 @@ from models.text_encoder import (
     relative_position_bucket,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def _bucket_scalar(rel: int, num_buckets: int, max_distance: int) -> int:
     """T5 bidirectional bucket, written out in plain Python from the definition."""
@@ -63,7 +65,6 @@ def _reference_forward_f64(state: dict, cfg: TextEncoderConfig, ids: list[int]) 
     return rms(x, sd["norm.weight"])
 
 
-@pytest.mark.unit
 def test_bucket_matches_definition():
     rel = torch.arange(-300, 301)
     got = relative_position_bucket(rel, 32, 128).tolist()
@@ -72,7 +73,6 @@ def test_bucket_matches_definition():
     assert got[300] == 0 and got[301] == 17 and got[299] == 1 and got[0] == 15 and got[-1] == 31
 
 
-@pytest.mark.unit
 def test_tiny_forward_matches_float64_reference():
     torch.set_num_threads(1)
     enc = TextEncoder.random(TextEncoderConfig.tiny(), seed=3)
@@ -86,7 +86,6 @@ def test_tiny_forward_matches_float64_reference():
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.unit
 def test_output_does_not_depend_on_padding():
     cfg = TextEncoderConfig.tiny()
     enc = TextEncoder.random(cfg, seed=0)
@@ -104,7 +103,6 @@ def test_output_does_not_depend_on_padding():
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.unit
 def test_batch_encode_zeroes_past_each_length():
     enc = TextEncoder.random(seed=0)
     ids, mask = enc.tokenize(["short", "a noticeably longer prompt"])
@@ -115,7 +113,6 @@ def test_batch_encode_zeroes_past_each_length():
     torch.testing.assert_close(out[0, :n0], enc.encode_prompt("short"), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.unit
 def test_determinism_and_seed_dependence():
     a = TextEncoder.random(seed=7).encode_prompt("same words")
     b = TextEncoder.random(seed=7).encode_prompt("same words")
@@ -124,7 +121,6 @@ def test_determinism_and_seed_dependence():
     assert not torch.allclose(a, c)
 
 
-@pytest.mark.unit
 def test_prompt_cleaning_and_truncation():
     tok = ByteTokenizer(8)
     ids, mask = tok(["  two \n\t words  ", "x" * 50])
@@ -133,7 +129,6 @@ def test_prompt_cleaning_and_truncation():
     assert mask[1].sum() == 8 and ids[1, 7] == 1  # truncated, EOS kept
 
 
-@pytest.mark.unit
 def test_real_config_on_meta():
     cfg = TextEncoderConfig()
     with torch.device("meta"):
@@ -161,7 +156,6 @@ def test_real_config_on_meta():
     assert model(ids, torch.ones_like(ids)).shape == (1, 8, 4096)
 
 
-@pytest.mark.unit
 def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     cfg = TextEncoderConfig.tiny()
     src = TextEncoder.random(cfg, seed=5)
@@ -182,7 +176,6 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
         TextEncoder.from_pretrained(path, tmp_path / "no_tokenizer", cfg)
 
 
-@pytest.mark.unit
 def test_bad_inputs():
     enc = TextEncoder.random(seed=0)
     ids, mask = enc.tokenize(["ok"])

@@ -60,6 +60,8 @@ def test_run_stage_resume_is_exact_and_loss_decreases(tmp_path):
     r3 = run_stage("lin", 24, _linear_stage(m3, o3), {"m": m3}, {"o": o3}, tmp_path / "b", seed=7, save_every=4,
                    progress=False)
     assert r3.resumed_from == 12
+    # exact: the checkpoint restores weights and optimizer state bit for bit, and every step runs the
+    # same ops on the same batch shapes in one process (one thread count, one kernel dispatch)
     for a, b in zip(m1.state_dict().values(), m3.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert [h["loss"] for h in r1.history] == [h["loss"] for h in r3.history]

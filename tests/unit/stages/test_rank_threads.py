@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 from models.liveavatar import LiveAvatarConfig
-from pipeline_stages.tpp import RankSpec
+from pipeline_stages.tpp import LaneShape, RankSpec
 
 pytestmark = pytest.mark.unit
 
 
 def _spec(rank: int, **kw) -> RankSpec:
-    return RankSpec(rank=rank, steps=4, config=LiveAvatarConfig.tiny(), init_method="file:///x", **kw)
+    return RankSpec(rank=rank, shape=LaneShape(steps=4), config=LiveAvatarConfig.tiny(), init_method="file:///x", **kw)
 
 
 def test_decode_threads_apply_to_the_decode_rank_only():

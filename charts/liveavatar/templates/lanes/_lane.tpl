@@ -87,6 +87,10 @@ spec:
         {{- include "liveavatar.envFrom" (dict "ctx" $ctx) | nindent 8 }}
       env:
         {{- include "liveavatar.env" (dict "ctx" $ctx) | nindent 8 }}
+        - name: LIVEAVATAR_HEALTH_HOST
+          value: "0.0.0.0"
+        - name: LIVEAVATAR_MODEL_CONFIG
+          value: {{ $ctx.Values.config.modelConfig | quote }}
         - name: LIVEAVATAR_LANE_POOL
           value: {{ $pool.name | quote }}
         - name: LIVEAVATAR_LANE_STAGES

@@ -1,0 +1,5 @@
+"""The API's routes, one module per area; :func:`services.session_api.app.create_app` includes them all."""
+
+from services.session_api.routes import audio, media, sessions, site, usage
+
+ROUTERS = (site.router, sessions.router, audio.router, media.router, usage.router)
