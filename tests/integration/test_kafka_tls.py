@@ -28,12 +28,9 @@ from infra.local.stack import free_port, stop_pid, tansu_binary
 from infra.topics import TopicSpec
 from services.common.kafka import KafkaConnection, ensure_topics, make_consumer, make_producer
 from services.common.settings import LiveAvatarSettings
+from tests.integration.certs import make_server_certificate
 
 pytestmark = pytest.mark.integration
-
-
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
 class TLSProxy:
@@ -83,13 +80,7 @@ class TLSProxy:
 @pytest.fixture(scope="module")
 def tls_broker(tmp_path_factory):
     d = tmp_path_factory.mktemp("kafka-tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "1", "-subj", "/CN=liveavatar-test-ca", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=127.0.0.1", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.crt", "-days", "1", "-extfile", "san.ext", cwd=d)
+    make_server_certificate(d)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(d / "server.crt", d / "server.key")
 

@@ -18,26 +18,17 @@ import redis
 from infra.local.stack import free_port, redis_binary, stop_pid
 from services.common.redis_state import StateStore
 from services.common.worker import WorkerSettings
+from tests.integration.certs import make_server_certificate
 
 pytestmark = pytest.mark.integration
 
 PASSWORD = "s3cret-" + uuid.uuid4().hex[:8]
 
 
-def _openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory):
     d = tmp_path_factory.mktemp("redis-tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "1", "-subj", "/CN=liveavatar-test-ca", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=127.0.0.1", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.crt", "-days", "1", "-extfile", "san.ext", cwd=d)
+    make_server_certificate(d)
     port = free_port()
     log = open(d / "redis.log", "w")
     proc = subprocess.Popen(

@@ -9,17 +9,9 @@ import pytest
 
 from models import mouth
 from models.mouth import SAMPLE_RATE, SAMPLES_PER_FRAME, EnvelopeError, mouth_envelope
+from tests.signals import speech_like as _speech_like
 
 pytestmark = pytest.mark.unit
-
-
-def _speech_like(seconds: float, seed: int) -> np.ndarray:
-    """Noise with a syllable-rate (4 Hz) loudness envelope and short pauses: [seconds * 16 kHz]."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    envelope = np.clip(np.sin(2 * np.pi * 4 * t + rng.uniform(0, 6)), 0, None) ** 2
-    return (0.3 * envelope * rng.standard_normal(n)).astype(np.float32)
 
 
 def _envelope_by_loops(pcm: np.ndarray, num_frames: int) -> np.ndarray:

@@ -46,21 +46,13 @@ from models.training.synthetic import (
     render_frame,
     sample_clip,
 )
+from tests.signals import speech_like as _speech_like
 
 pytestmark = pytest.mark.unit
 
 S = 64
 MARGIN_PX = 1.5  # one anti-aliasing pixel plus half a pixel for the pixel-centre grid
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
-
-
-def _speech_like(seconds: float, seed: int) -> np.ndarray:
-    """Noise with a syllable-rate (4 Hz) loudness envelope and short pauses: [seconds * 16 kHz]."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    envelope = np.clip(np.sin(2 * np.pi * 4 * t + rng.uniform(0, 6)), 0, None) ** 2
-    return (0.3 * envelope * rng.standard_normal(n)).astype(np.float32)
 
 
 def _box_mask(cx: float, cy: float, half_w: float, half_h: float) -> np.ndarray:
