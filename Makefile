@@ -34,5 +34,28 @@ bench: setup
 clean:
 	rm -rf .run out .pytest_cache
 
+# Container images and the local stack as containers, with podman (no Docker engine): docs/containers.md.
+# `make images` bootstraps a Debian base locally and builds every image (nothing is pulled from a registry);
+# `make containers-up` runs the chart's tiny CPU profile as containers; `make containers-down` removes them.
+# test-containers builds the images and runs one session through the containers (slow: not part of `make test`).
+.PHONY: container-tools images containers-up containers-status containers-down test-containers
+container-tools:
+	@bash infra/containers/install.sh
+
+images: setup container-tools
+	@$(PY) -m infra.containers.images
+
+containers-up: setup container-tools
+	@$(PY) -m infra.containers.stack up
+
+containers-status: setup
+	@$(PY) -m infra.containers.stack status
+
+containers-down: setup
+	@$(PY) -m infra.containers.stack down
+
+test-containers: setup container-tools
+	@LIVEAVATAR_CONTAINER_TESTS=1 $(PY) -m pytest tests/integration/test_containers.py $(PYTEST_ARGS)
+
 # kind-e2e / kind-down: deploy the chart to a local kind cluster (needs Docker and kind; CI does not run it)
 include infra/kind/Makefile.kind

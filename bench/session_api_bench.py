@@ -181,63 +181,45 @@ class SessionRun:
     errors: list[str] = field(default_factory=list)
 
 
-def send_audio(ws_url: str, run: SessionRun, pcm: bytes, rate: int) -> None:
-    from websockets.sync.client import connect
-
-    step = int(rate * CHUNK_S) * 2
+def send_audio(session, run: SessionRun, pcm: bytes, rate: int) -> None:
+    """Stream ``pcm`` (pcm16) at real time over the session's audio WebSocket (the project's client), then end."""
     try:
-        with connect(ws_url, open_timeout=30) as ws:
-            ws.send(json.dumps({"format": "pcm16", "sample_rate": rate, "channels": 1}))
-            ready = json.loads(ws.recv(timeout=30))
-            if ready.get("type") != "ready":
-                raise BenchError(f"audio socket: {ready}")
-            t0 = time.monotonic()
-            run.audio_start = t0
-            for k, i in enumerate(range(0, len(pcm), step)):
-                chunk = pcm[i:i + step]
-                ws.send(chunk)
-                run.chunk_sent.append(((i + len(chunk)) / 2 / rate, time.monotonic()))
-                delay = t0 + (k + 1) * CHUNK_S - time.monotonic()      # drift-free real-time schedule
-                if delay > 0:
-                    time.sleep(delay)
-            ws.send(json.dumps({"type": "end"}))
-            while True:
-                m = json.loads(ws.recv(timeout=60))
-                if m["type"] == "utterance_end":
-                    break
-                if m["type"] == "error":
-                    if m.get("status") == 429:
-                        run.refused_chunks += 1
-                    else:
-                        run.errors.append(f"audio: {m}")
+        with session.audio(rate, "pcm16", 1) as stream:
+            try:
+                stream.send_paced(pcm, chunk_s=CHUNK_S, speed=1.0)             # drift-free real-time schedule
+                stream.end(timeout_s=60)
+            finally:
+                rep = stream.report
+                run.audio_start = rep.started_at
+                run.chunk_sent = list(rep.sent_at)
+                run.refused_chunks = rep.refused_chunks
+                run.errors.extend(f"audio: {e}" for e in rep.errors)
     except Exception as exc:  # noqa: BLE001 - recorded and reported, the round goes on
         run.errors.append(f"audio: {type(exc).__name__}: {exc}")
     finally:
         run.audio_done = time.monotonic()
 
 
-def read_media(ws_url: str, run: SessionRun, stop: threading.Event) -> None:
-    from websockets.sync.client import connect
-
+def read_media(session, run: SessionRun, stop: threading.Event) -> None:
+    """Record each media fragment's arrival time (the client stamps a piece when its bytes arrive)."""
     try:
-        with connect(ws_url, open_timeout=30, max_size=None) as ws:
+        with session.media() as media:
             while not stop.is_set():
                 try:
-                    head = json.loads(ws.recv(timeout=0.5))
+                    piece = media.next(timeout_s=0.5)
                 except TimeoutError:
                     continue
-                data = ws.recv(timeout=30) if head["bytes"] else b""
-                now = time.monotonic()
-                if head["type"] == "init":
-                    run.init_at = run.init_at or now
-                elif head["type"] == "fragment":
-                    if head["block"] in run.arrivals:
+                except StopIteration:
+                    return
+                if piece.type == "init":
+                    run.init_at = run.init_at or piece.received_at
+                elif piece.type == "fragment":
+                    if piece.block in run.arrivals:
                         run.duplicates += 1
                     else:
-                        run.arrivals[head["block"]] = now
-                elif head["type"] == "end":
+                        run.arrivals[piece.block] = piece.received_at
+                elif piece.type == "end":
                     return
-                del data
     except Exception as exc:  # noqa: BLE001
         run.errors.append(f"media: {type(exc).__name__}: {exc}")
 
@@ -298,7 +280,8 @@ def create_tenant(run_dir: Path, name: str, max_sessions: int) -> str:
 
 
 def run_round(n: int, seconds: float, warmup: int, run_root: Path) -> dict:
-    import httpx
+    from liveavatar_client import LiveAvatar
+    from liveavatar_client.errors import ApiError
 
     from services.cli import stack_cmd
 
@@ -310,36 +293,35 @@ def run_round(n: int, seconds: float, warmup: int, run_root: Path) -> dict:
     try:
         port = stack_cmd.services_info(run_dir)["session-api"]["health_ports"][0]
         key = create_tenant(run_dir, f"bench-{n}", max_sessions=n)
-        auth = {"Authorization": f"Bearer {key}"}
         groups = stack_pids(run_dir)
         runs: list[SessionRun] = []
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=auth) as client:
+        sessions: dict = {}
+        with LiveAvatar(f"http://127.0.0.1:{port}", key, timeout=60) as client:
             # 1. Create the sessions (one per lane) and wait until a lane holds each.
             for i in range(n):
                 avatar = AVATARS[i % len(AVATARS)]
                 t0 = time.monotonic()
-                r = client.post("/v1/sessions", files={"image": (f"{avatar}.jpg",
-                                (EXAMPLES / f"{avatar}.jpg").read_bytes(), "image/jpeg")},
-                                data={"options": json.dumps({"idle": "pause", "seed": i})})
-                if r.status_code != 201:
-                    raise BenchError(f"POST /v1/sessions: {r.status_code} {r.text}")
-                runs.append(SessionRun(r.json()["id"], avatar, created_at=t0))
+                try:
+                    session = client.create_session(EXAMPLES / f"{avatar}.jpg", {"idle": "pause", "seed": i})
+                except ApiError as exc:
+                    raise BenchError(f"POST /v1/sessions: {exc}") from exc
+                sessions[session.id] = session
+                runs.append(SessionRun(session.id, avatar, created_at=t0))
             deadline = time.monotonic() + 180
             pending = {run.sid: run for run in runs}
             while pending:
                 if time.monotonic() > deadline:
                     raise BenchError(f"sessions never became active: {list(pending)}")
                 for sid, run in list(pending.items()):
-                    if client.get(f"/v1/sessions/{sid}").json()["state"] == "active":
+                    if sessions[sid].refresh().state == "active":
                         run.setup_s = time.monotonic() - run.created_at
                         del pending[sid]
                 time.sleep(0.05)
 
             # 2. All sessions at once: media readers first, then the audio senders.
             stop = threading.Event()
-            base = f"ws://127.0.0.1:{port}/v1/sessions"
-            readers = [threading.Thread(target=read_media, args=(f"{base}/{run.sid}/media?key={key}", run, stop),
-                                        daemon=True) for run in runs]
+            readers = [threading.Thread(target=read_media, args=(sessions[run.sid], run, stop), daemon=True)
+                       for run in runs]
             for th in readers:
                 th.start()
             # Idle baseline: sessions active, media sockets open, no audio ("pause": nothing is generated).
@@ -353,8 +335,8 @@ def run_round(n: int, seconds: float, warmup: int, run_root: Path) -> dict:
             senders = []
             for run in runs:
                 pcm, rate = example_pcm16(run.avatar, seconds)
-                senders.append(threading.Thread(target=send_audio, args=(f"{base}/{run.sid}/audio?key={key}", run,
-                                                                         pcm, rate), daemon=True))
+                senders.append(threading.Thread(target=send_audio, args=(sessions[run.sid], run, pcm, rate),
+                                                daemon=True))
             for th in senders:
                 th.start()
             for th in senders:
@@ -382,7 +364,7 @@ def run_round(n: int, seconds: float, warmup: int, run_root: Path) -> dict:
             for th in readers:
                 th.join(10)
             for run in runs:
-                client.delete(f"/v1/sessions/{run.sid}")
+                sessions[run.sid].end()
         res["expected_blocks"] = expected
         res["per_session"] = [session_metrics(run, warmup) for run in runs]
     finally:

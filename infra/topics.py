@@ -6,6 +6,8 @@
 | audio-features   | session id | audio-encoder   | lane head k: partition k only    | per-block features + PCM, start/end|
 | frames           | session id | lane decoder    | stream-packager (group)          | decoded frames + PCM per block     |
 | media            | session id | stream-packager | session API (each replica)       | fMP4 init segment and fragments    |
+| events           | session id | session API,    | webhooks dispatcher (group)      | product events (JSON) for signed   |
+|                  |            | stream-packager |                                  | webhooks (docs/webhooks.md)        |
 
 ``audio-features`` is partitioned by lane: lane k owns partition k, so the encoder addresses a lane by
 writing to its partition, and a lane's blocks stay in order. Its partition count is therefore the most
@@ -30,6 +32,7 @@ AUDIO = "audio"
 AUDIO_FEATURES = "audio-features"
 FRAMES = "frames"
 MEDIA = "media"
+EVENTS = "events"
 
 #: Most lanes per cluster (= partitions of audio-features). Override with LIVEAVATAR_MAX_LANES.
 DEFAULT_MAX_LANES = 16
@@ -43,6 +46,7 @@ MAX_MESSAGE_BYTES = {
     AUDIO_FEATURES: 4 * MiB,   # one block's features [1, 25, 1024, 12] float32 (1.2 MB) + its PCM
     FRAMES: 16 * MiB,          # one block of raw RGB frames [12, 448, 640, 3] (10.3 MB) + PCM
     MEDIA: 8 * MiB,            # one fMP4 fragment: H.264 never needs more than raw YUV 4:2:0 (5.2 MB)
+    EVENTS: 1 * MiB,           # one product event: small JSON (services.common.events caps it at 64 KiB)
 }
 #: Producer ``max_request_size`` and consumer ``max_partition_fetch_bytes``: the largest topic limit.
 CLIENT_MAX_MESSAGE_BYTES = max(MAX_MESSAGE_BYTES.values())
@@ -78,4 +82,6 @@ def all_topics(max_lanes: int | None = None, partitions: int | None = None) -> l
         TopicSpec(name(FRAMES), parts, retention_ms=HOUR_MS // 4,   # large values: keep for 15 min
                   max_message_bytes=MAX_MESSAGE_BYTES[FRAMES]),
         TopicSpec(name(MEDIA), parts, retention_ms=HOUR_MS, max_message_bytes=MAX_MESSAGE_BYTES[MEDIA]),
+        TopicSpec(name(EVENTS), parts, retention_ms=7 * 24 * HOUR_MS,   # a receiver may be down for days
+                  max_message_bytes=MAX_MESSAGE_BYTES[EVENTS]),
     ]

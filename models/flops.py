@@ -483,6 +483,29 @@ def physical_bound(step: FlopBreakdown, first_step: FlopBreakdown, vae_block: Fl
     return out
 
 
+def lane_shape_period(step_s: float, vae_s: float, denoisers: int, decoder_rank: bool, steps: int = 4,
+                      hop_s: float = 0.0, frames_per_block: int = 12) -> dict[str, object]:
+    """Steady-state time per block and FPS of a lane shape (``denoisers`` ranks of ``steps / denoisers``
+    steps each; the decoder on a rank of its own when ``decoder_rank``, else after the last denoise rank's
+    steps), one GPU per rank: a block leaves per the slowest rank's time, plus one hop between ranks.
+
+    ``4+1`` gives ``max(step, VAE)`` (:func:`physical_bound`'s TPP row), ``1`` gives ``4 steps + VAE`` (its
+    one-GPU row).
+    """
+    if denoisers < 1 or steps % denoisers:
+        raise FlopsError(f"{denoisers} denoise ranks cannot share {steps} steps evenly")
+    denoise_s = steps // denoisers * step_s
+    ranks = {"denoise": denoise_s}
+    if decoder_rank:
+        ranks["decode"] = vae_s
+    else:
+        ranks["denoise+decode"] = denoise_s + vae_s
+    gpus = denoisers + (1 if decoder_rank else 0)
+    period = max(ranks.values()) + (hop_s if gpus > 1 else 0.0)
+    return {"gpus": gpus, "period_s": period, "fps": frames_per_block / period,
+            "slowest": max(ranks, key=ranks.get), "fps_per_gpu": frames_per_block / period / gpus}
+
+
 def model_report(dit_config: DiTConfig, vae_config, latent_hw: tuple[int, int], device: str = "h800-sxm",
                  steps: int = 4, fps: int = 25, weight_dtype_bytes: int = 2) -> dict[str, object]:
     """Everything `liveavatar inspect` and the benchmark print about one configuration and grid.

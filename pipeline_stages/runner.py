@@ -93,11 +93,12 @@ class Runner(Protocol):
 
 def open_runner(config: LiveAvatarConfig, *, lane: bool, device: str = "cpu", dtype: torch.dtype | None = None,
                 seed: int = 0, checkpoint: str | None = None, lora: str | None = None, threads: int = 1,
-                decode_threads: int | None = None, package: bool = True) -> Runner:
+                decode_threads: int | None = None, package: bool = True, shape: str | None = None) -> Runner:
     """A runner for ``config``: a local TPP lane (``lane``) or the sequential runner, used as a context manager.
 
     ``seed`` seeds the weights when there is no checkpoint; ``threads`` is each lane rank's torch threads
-    (the sequential runner uses the caller's), ``decode_threads`` the lane's decode rank's.
+    (the sequential runner uses the caller's), ``decode_threads`` the lane's decoder's; ``shape`` the lane's
+    shape (``"4+1"`` when None; :class:`pipeline_stages.tpp.LaneShape`).
     """
     import torch
 
@@ -106,7 +107,7 @@ def open_runner(config: LiveAvatarConfig, *, lane: bool, device: str = "cpu", dt
         from pipeline_stages.tpp import TPPLane
 
         return TPPLane(config, device=device, dtype=dtype, seed=seed, checkpoint=checkpoint, lora=lora,
-                       threads_per_rank=threads, decode_threads=decode_threads, package=package)
+                       threads_per_rank=threads, decode_threads=decode_threads, package=package, shape=shape)
     from models.liveavatar import build_models
     from pipeline_stages.sequential import SequentialRunner
 

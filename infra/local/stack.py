@@ -11,6 +11,9 @@ Layout of the run directory::
     <run_dir>/broker.pid
     <run_dir>/redis.log      redis-server's output
     <run_dir>/redis.pid
+    <run_dir>/appendonlydir/ Redis's append-only file, and dump.rdb its snapshot: tenants, usage and
+                             session records survive ``down`` / ``up`` (``down`` saves before it stops
+                             Redis). The broker keeps its topics in memory: they start empty again.
 """
 
 from __future__ import annotations
@@ -243,6 +246,8 @@ class LocalStack:
         if info is None:
             return stopped
         for name, srv in info.servers.items():
+            if name == "redis" and pid_alive(srv.pid):
+                save_redis(srv.port)
             if pid_alive(srv.pid):
                 stop_pid(srv.pid, timeout_s)
                 stopped.append(name)
@@ -269,7 +274,8 @@ class LocalStack:
         port = free_port()
         argv = [
             redis_binary(), "--bind", LOOPBACK, "--port", str(port), "--protected-mode", "yes",
-            "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(self.run_dir),
+            "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dbfilename", "dump.rdb",
+            "--daemonize", "no", "--dir", str(self.run_dir),
         ]
         proc, log = self._spawn("redis", argv)
         _wait_until(lambda: redis_ready(port), timeout_s, "redis-server", proc, log)
@@ -285,6 +291,19 @@ class LocalStack:
         proc, log = self._spawn("broker", argv)
         _wait_until(lambda: kafka_ready(f"{LOOPBACK}:{port}"), timeout_s, "Tansu broker", proc, log)
         return ServerInfo("broker", port, proc.pid, str(log))
+
+
+def save_redis(port: int, timeout_s: float = 10.0) -> bool:
+    """Write Redis's snapshot now (before it is stopped); True if saved."""
+    import redis
+
+    try:
+        client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=timeout_s)
+        client.save()            # the snapshot; SIGTERM then makes Redis fsync the append-only file too
+        return True
+    except (redis.RedisError, OSError) as exc:
+        logging.getLogger(__name__).warning("redis on port %d was not saved: %s", port, exc)
+        return False
 
 
 def stop_pid(pid: int, timeout_s: float = 10.0) -> None:

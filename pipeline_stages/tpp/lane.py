@@ -76,6 +76,9 @@ def _rank_main(spec: RankSpec, inbox, outbox, reports, parent_pid: int) -> None:
 class TPPLane:
     """A local lane of ``shape.world_size`` processes, with the audio and packaging stages in the caller.
 
+    ``shape`` is the lane's shape (``"4+1"``, the default, ``"4"``, ``"2+1"``, ``"2"``, ``"1+1"``, ``"1"``:
+    :class:`~pipeline_stages.tpp.shape.LaneShape`); every shape gives the same blocks.
+
     A :class:`~pipeline_stages.runner.Runner`. Use as a context manager (it starts and stops the ranks)::
 
         with TPPLane(LiveAvatarConfig.tiny()) as lane:
@@ -87,9 +90,17 @@ class TPPLane:
     def __init__(self, config: LiveAvatarConfig, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  seed: int = 0, checkpoint: str | None = None, lora: str | None = None, timeout_s: float = 30.0,
                  heartbeat_s: float = 1.0, threads_per_rank: int = 1, package: bool = True,
-                 decode_threads: int | None = None):
+                 decode_threads: int | None = None, shape: str | LaneShape | None = None):
         self.config = config
-        self.shape = LaneShape(steps=config.scheduler.num_inference_steps)
+        steps = config.scheduler.num_inference_steps
+        if shape is None:
+            self.shape = LaneShape(steps=steps)                 # 4+1: one rank per step, the decoder on its own
+        elif isinstance(shape, LaneShape):
+            if shape.steps != steps:
+                raise ValueError(f"lane shape {shape} is for {shape.steps} steps; this model takes {steps}")
+            self.shape = shape
+        else:
+            self.shape = LaneShape.parse(shape, steps)
         self.device, self.dtype, self.seed = device, dtype, seed
         self.checkpoint, self.lora = checkpoint, lora
         self.timeout_s, self.heartbeat_s, self.threads = timeout_s, heartbeat_s, threads_per_rank

@@ -1,10 +1,12 @@
 """One rank of a lane: join the process group, build the rank's stages, run its loop until SHUTDOWN.
 
-A denoise rank runs its denoising steps (:meth:`LaneShape.steps_of`) on every block that passes; the
-head also reads the lane's source and draws each block's noise. The decode rank runs the streaming
-VAE decode, hands finished blocks to its output, and sends the session's re-anchor latent
-(:func:`models.generator.anchor_from_block`) to every denoise rank on the anchor channel as soon as
-block 0 reaches it; a denoise rank waits for it only right before the block that needs it.
+Every rank runs the same loop (:func:`_rank_loop`); the lane's shape (:class:`LaneShape`) says what a
+rank holds. A rank runs its denoising steps (:meth:`LaneShape.steps_of`, one stage and KV cache per
+step) on every block that passes; the head also reads the lane's source and draws each block's noise.
+The decode rank (the last; it may run steps first) runs the streaming VAE decode, hands finished blocks
+to its output, and sends the session's re-anchor latent (:func:`models.generator.anchor_from_block`) to
+every other denoise rank on the anchor channel as soon as block 0's final latent is there; a denoise
+rank waits for it only right before the block that needs it.
 
 Every rank reports to its supervisor (:class:`RankReady`, :class:`RankProgress`, :class:`RankFailed`)
 and every receive has a timeout (the head sends a heartbeat down the lane at least every
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass
@@ -85,9 +88,21 @@ class RankSpec:
 
     @property
     def torch_threads(self) -> int:
-        """CPU threads of this rank: on CPU the VAE decode costs far more than one denoising step
-        (docs/services.md), so the decode rank may get more."""
-        return self.decode_threads if self.is_decode and self.decode_threads else self.threads
+        """CPU threads of this rank at start: on CPU the VAE decode costs far more than one denoising step
+        (docs/services.md), so a decode-only rank may get more. A rank that runs denoising steps and the
+        decoder runs its steps on ``threads`` and switches to ``decode_threads`` for the decode only
+        (:attr:`decode_switch`), so its latents do not depend on the decoder's thread count."""
+        if self.is_decode and self.decode_threads and not self.shape.steps_of(self.rank):
+            return self.decode_threads
+        return self.threads
+
+    @property
+    def decode_switch(self) -> int | None:
+        """Threads to switch to around the decode on a rank that also denoises (None: no switch)."""
+        if self.is_decode and self.decode_threads and self.shape.steps_of(self.rank) \
+                and self.decode_threads != self.threads:
+            return self.decode_threads
+        return None
 
 
 @dataclass(frozen=True)
@@ -153,19 +168,17 @@ def run_rank(spec: RankSpec, source: LaneSource | None, output: LaneOutput | Non
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if spec.init_method.startswith("file://") or re.match(r"tcp://(127\.|localhost[:/])", spec.init_method):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")   # one host; ranks in pods/containers use their own IP
     try:
         dist.init_process_group(backend_for(device), init_method=spec.init_method, rank=spec.rank,
                                 world_size=spec.world_size,
                                 timeout=datetime.timedelta(seconds=max(60.0, spec.timeout_s)))
-        parts = {"vae"} if spec.is_decode else {"dit"}
+        parts = ({"dit"} if spec.shape.steps_of(spec.rank) else set()) | ({"vae"} if spec.is_decode else set())
         models = build_models(spec.config, device=device, dtype=getattr(torch, spec.dtype), seed=spec.weights_seed,
                               checkpoint=spec.checkpoint, lora=spec.lora, parts=parts)
         report.put(RankReady(spec.rank))
-        if spec.is_decode:
-            _decode_loop(spec, models, output, report)
-        else:
-            _denoise_loop(spec, models, source, report)
+        _rank_loop(spec, models, source, output, report)
     except BaseException as exc:  # report, then exit non-zero: the supervisor stops the lane
         detail = f"{type(exc).__name__}: {exc}"
         if not isinstance(exc, LinkError):
@@ -187,17 +200,25 @@ class _StageFailed(RuntimeError):
         self.block_index = block_index
 
 
-def _denoise_loop(spec: RankSpec, models, source: LaneSource | None, report: Reporter) -> None:
+def _rank_loop(spec: RankSpec, models, source: LaneSource | None, output: LaneOutput | None,
+               report: Reporter) -> None:
+    """Every rank's loop: run this rank's denoising steps (if any) on each block, then either pass the
+    block downstream or, on the decode rank, decode it (sending block 0's anchor to the other ranks)."""
     shape, rank = spec.shape, spec.rank
     device = torch.device(spec.device)
     fwd = Link(device, spec.timeout_s)
     anchors = Link(device, spec.timeout_s, tag=TAG_ANCHOR, max_in_flight=64)  # a few per session, never block
-    generator = LiveAvatarGenerator(models.dit, FlowMatchScheduler(spec.config.scheduler))
-    stages = [DenoiseStage(generator, step) for step in shape.steps_of(rank)]
+    steps = shape.steps_of(rank)
+    generator = LiveAvatarGenerator(models.dit, FlowMatchScheduler(spec.config.scheduler)) if steps else None
+    stages = [DenoiseStage(generator, step) for step in steps]       # one KV cache per step
+    decoder = DecodeStage(models.vae) if shape.is_decode(rank) else None
+    peers = shape.anchor_peers(rank)
     up, down = shape.upstream(rank), shape.downstream(rank)
+    features_downstream = down is not None and bool(shape.steps_of(down))  # a decode-only rank needs no features
     session_no, seed, options = -1, 0, GenerationOptions()
     last_block = -1            # last block run in this session
-    anchor_taken = False
+    anchor_taken = False       # this rank's stages hold the session's anchor
+    send_anchor = False        # the decode rank: this session's anchor is still to be made and sent
     last_sent = time.monotonic()
 
     def next_message() -> ForwardMessage | Block:
@@ -214,16 +235,21 @@ def _denoise_loop(spec: RankSpec, models, source: LaneSource | None, report: Rep
             if time.monotonic() - last_sent >= spec.heartbeat_s:
                 return Heartbeat(session_no, last_block)
 
-    def take_anchor() -> None:
-        """Receive this session's anchor (dropping stale ones of sessions that ended early)."""
+    def set_anchor(latent: torch.Tensor) -> None:
         nonlocal anchor_taken
+        for stage in stages:
+            stage.set_anchor(latent)
+        anchor_taken = True
+
+    def take_anchor(block: int) -> None:
+        """Receive this session's anchor from the decode rank (dropping stale ones of sessions that ended early)."""
+        if decoder is not None:       # this rank makes the anchor itself: it cannot be missing here
+            raise _StageFailed(f"block {block} needs the re-anchor latent, which this rank never made", block)
         while True:
             m = anchors.recv(shape.decode_rank)
             got = from_wire(m.header, m.tensors)
             if got.session_no == session_no:
-                for stage in stages:
-                    stage.set_anchor(got.latent)
-                anchor_taken = True
+                set_anchor(got.latent)
                 return
 
     while True:
@@ -234,16 +260,19 @@ def _denoise_loop(spec: RankSpec, models, source: LaneSource | None, report: Rep
             for stage in stages:
                 stage.start_session(item.sink, seed, options, item.leads)
             last_block, anchor_taken = -1, False
-            if item.anchor is not None:          # a resumed session: the anchor is known already
-                for stage in stages:
-                    stage.set_anchor(item.anchor)
-                anchor_taken = True
+            if item.anchor is not None and stages:   # a resumed session: the anchor is known already
+                set_anchor(item.anchor)
+            if decoder is not None:
+                # a resumed session that already has its anchor must not send a new one
+                send_anchor = item.options.reanchor and item.anchor is None
+                decoder.start_session(item.sink.motion_latents)
+                output.put(SessionStarted(item.session_no, item.tag))
         elif isinstance(item, (Block, LaneBlock)):
             block = item.block_index
-            if item.session_no != session_no:
+            if stages and item.session_no != session_no:
                 raise _StageFailed(f"block of session {item.session_no} while serving {session_no}", block)
             if any(stage.needs_anchor(block) for stage in stages):
-                take_anchor()
+                take_anchor(block)
             if isinstance(item, Block):          # the head: the block's noise is a pure function of (seed, block)
                 x = block_noise(seed, block, generator.noise_shape(stages[0].session), models.dit.dtype,
                                 models.dit.device)
@@ -251,58 +280,42 @@ def _denoise_loop(spec: RankSpec, models, source: LaneSource | None, report: Rep
                 x = item.latent
             for stage in stages:
                 x = stage.run(block, x, item.audio)
-            # the decoder needs the latent (and the PCM), not the audio features
-            item = LaneBlock(item.session_no, block, x, None if down == shape.decode_rank else item.audio,
-                             item.pcm, item.replay)
+            if decoder is None:
+                # the decoder needs the latent (and the PCM), not the audio features
+                item = LaneBlock(item.session_no, block, x, item.audio if features_downstream else None,
+                                 item.pcm, item.replay)
+            else:
+                anchor = anchor_from_block(block, x) if send_anchor else None
+                if anchor is not None:
+                    header, tensors = to_wire(AnchorReady(item.session_no, anchor))
+                    for r in peers:              # async: the other denoise ranks take it when they need it
+                        anchors.send(r, header, tensors)
+                    if stages:
+                        set_anchor(anchor)
+                    output.put(AnchorReady(item.session_no, anchor.cpu()))
+                if spec.decode_switch:
+                    torch.set_num_threads(spec.decode_switch)
+                frames = decoder.run(x)
+                if spec.decode_switch:
+                    torch.set_num_threads(spec.threads)
+                if not item.replay:
+                    output.put(BlockDone(item.session_no, block, x.cpu(), frames.cpu(),
+                                         None if item.pcm is None else item.pcm.cpu()))
             last_block = block
         elif isinstance(item, EndSession):
             # an anchor was sent after block 0 but never needed (session shorter than one clip): drain it
-            if options.reanchor and last_block >= 0 and not anchor_taken:
-                take_anchor()
+            if stages and decoder is None and options.reanchor and last_block >= 0 and not anchor_taken:
+                take_anchor(last_block)
             for stage in stages:
                 stage.end_session()
-        fwd.send(down, *to_wire(item))
+            if decoder is not None:
+                decoder.end_session()
+                output.put(SessionEnded(item.session_no))
+        if down is not None:
+            fwd.send(down, *to_wire(item))
         last_sent = time.monotonic()
         report.put(RankProgress(rank, block))
         if isinstance(item, Shutdown):
             fwd.flush()
-            anchors.flush()
-            return
-
-
-def _decode_loop(spec: RankSpec, models, output: LaneOutput, report: Reporter) -> None:
-    shape = spec.shape
-    device = torch.device(spec.device)
-    fwd = Link(device, spec.timeout_s)
-    anchors = Link(device, spec.timeout_s, tag=TAG_ANCHOR, max_in_flight=64)  # a few per session, never block
-    stage = DecodeStage(models.vae)
-    up = shape.upstream(spec.rank)
-    send_anchor = True
-    while True:
-        m = fwd.recv(up)
-        item = from_wire(m.header, m.tensors)
-        block = -1
-        if isinstance(item, StartSession):
-            # a resumed session that already has its anchor must not send a new one
-            send_anchor = item.options.reanchor and item.anchor is None
-            stage.start_session(item.sink.motion_latents)
-            output.put(SessionStarted(item.session_no, item.tag))
-        elif isinstance(item, LaneBlock):
-            block = item.block_index
-            anchor = anchor_from_block(block, item.latent) if send_anchor else None
-            if anchor is not None:
-                header, tensors = to_wire(AnchorReady(item.session_no, anchor))
-                for r in shape.denoise_ranks:      # async: the denoise ranks take it when they need it
-                    anchors.send(r, header, tensors)
-                output.put(AnchorReady(item.session_no, anchor.cpu()))
-            frames = stage.run(item.latent)
-            if not item.replay:
-                output.put(BlockDone(item.session_no, block, item.latent.cpu(), frames.cpu(),
-                                     None if item.pcm is None else item.pcm.cpu()))
-        elif isinstance(item, EndSession):
-            stage.end_session()
-            output.put(SessionEnded(item.session_no))
-        report.put(RankProgress(spec.rank, block))
-        if isinstance(item, Shutdown):
             anchors.flush()
             return

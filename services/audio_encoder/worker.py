@@ -18,6 +18,12 @@ session's cursor (last chunk seq, pending partial-block PCM, last block index) i
 A restarted encoder re-reads un-committed chunks: those at or below the cursor are dropped as
 duplicates, and the pending PCM is restored, so every block is produced once with the same content
 (a crash between flush and cursor write re-produces identical blocks, which the lane drops).
+The only session state kept in memory alone is that of a session still waiting for a lane (its
+held events, and the fact that it waits): the Kafka offset is never committed past the first record
+of such a session (:func:`~services.common.worker.commit_durable`), so a restart re-reads it and the
+session is assigned a lane as if nothing happened. A restarted encoder that finds a session's lane
+claimed but not told (no ``lane_started`` in the cursor) sends the lane's ``start`` marker again (a
+lane drops a duplicate).
 
 The session API never imports torch, so the sink is encoded here: this service holds the encoders
 (wav2vec2, the VAE encoder and umT5). The stage encodes each block through the configured backend
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from kafka import TopicPartition
 
 from infra import topics
 from models.audio_encoder import AudioEncoderConfig
@@ -82,6 +89,7 @@ class SessionCtx:
     partition: int = -1
     last_seq: int = -1                          # last audio chunk handled
     waiting: list = field(default_factory=list)  # events held while no lane is free
+    hold: tuple[TopicPartition, int] | None = None   # first record read while no lane: never committed past
 
     @property
     def next_block(self) -> int:
@@ -112,11 +120,24 @@ class AudioEncoderWorker:
     # ---- loop ----------------------------------------------------------------------------------
     def run(self) -> None:
         log.info("backend", backend=self.s.backend)
-        run_consume_loop(SERVICE, self.s, self.consumer, self.producer, self._handle_raw, self.stop,
+        run_consume_loop(SERVICE, self.s, self.consumer, self.producer, self._handle_record, self.stop,
                          lambda: self.ready, lambda: setattr(self, "ready", True),
-                         after_poll=self._retry_waiting, active_sessions=lambda: len(self.sessions))
+                         after_poll=self._retry_waiting, active_sessions=lambda: len(self.sessions),
+                         held=self.held, pass_record=True)
 
-    def _handle_raw(self, raw: bytes) -> None:
+    def held(self) -> dict[TopicPartition, int]:
+        """Per partition, the first record of a session waiting for a lane (commit no further)."""
+        out: dict[TopicPartition, int] = {}
+        for ctx in self.sessions.values():
+            if ctx.hold is not None and not ctx.lane:
+                tp, offset = ctx.hold
+                out[tp] = min(offset, out.get(tp, offset))
+        return out
+
+    def _handle_record(self, rec) -> None:
+        self._handle_raw(rec.value, (TopicPartition(rec.topic, rec.partition), rec.offset))
+
+    def _handle_raw(self, raw: bytes, where: tuple[TopicPartition, int] | None = None) -> None:
         try:
             msg = decode(raw)
         except WireError as exc:
@@ -127,6 +148,8 @@ class AudioEncoderWorker:
             log.warning("dropped a message of the wrong topic", topic=h.topic)
             return
         ctx = self._ctx(h)
+        if not ctx.lane and ctx.hold is None and where is not None:
+            ctx.hold = where                   # this session lives in memory only until it has a lane
         if h.seq <= ctx.last_seq:
             DUPLICATES.labels(SERVICE).inc()
             return
@@ -152,6 +175,7 @@ class AudioEncoderWorker:
         elif h.kind == "end_utterance":        # do not wait for more audio: pad and send the partial block
             self._flush_partial(ctx)
             self.producer.flush()
+            self.store.mark_utterance_end(ctx.session_id, h.seq, ctx.next_block - 1)   # utterance.ended (packager)
             self._checkpoint(ctx, h.seq)
         elif h.kind == "interrupt":            # drop queued audio: the partial block here, queued blocks at the lane
             self._new_stream(ctx, ctx.next_block)
@@ -174,6 +198,8 @@ class AudioEncoderWorker:
         rec = self.store.get_session(h.session_id)
         if rec is not None and rec.lane and self.store.lane_session(rec.lane) == h.session_id and cur:
             ctx.lane, ctx.partition = rec.lane, int(cur.get("lane_partition", -1))
+            if not cur.get("lane_started"):                # died between claiming the lane and telling it
+                self._send_start(ctx)
         self.sessions[h.session_id] = ctx
         return ctx
 
@@ -217,11 +243,16 @@ class AudioEncoderWorker:
         ctx.lane, ctx.partition = lane, int(info.get("partition", -1))
         self.store.set_cursor(ctx.session_id, lane_partition=ctx.partition)
         self.store.update_session(ctx.session_id, state="active", lane=lane)
-        self._send(ctx, Features(session_id=ctx.session_id, tenant_id=ctx.tenant_id, seq=-1, kind="start",
-                                 lane_id=lane))
-        self.producer.flush()
+        self._send_start(ctx)
         log.info("session assigned", session_id=ctx.session_id, tenant_id=ctx.tenant_id, lane=lane)
         return True
+
+    def _send_start(self, ctx: SessionCtx) -> None:
+        """The lane's ``start`` marker for the session (a lane drops a duplicate), then ``lane_started``."""
+        self._send(ctx, Features(session_id=ctx.session_id, tenant_id=ctx.tenant_id, seq=-1, kind="start",
+                                 lane_id=ctx.lane))
+        self.producer.flush()
+        self.store.set_cursor(ctx.session_id, lane_started=1)
 
     def _retry_waiting(self) -> None:
         for ctx in list(self.sessions.values()):
@@ -230,6 +261,7 @@ class AudioEncoderWorker:
                     held, ctx.waiting = ctx.waiting, []
                     for msg in held:
                         self._dispatch(ctx, msg)
+                    ctx.hold = None            # handled and checkpointed: the offset may move on
 
     def _new_stream(self, ctx: SessionCtx, first_block: int) -> None:
         """Start the session's audio afresh (no partial block) at block ``first_block``."""

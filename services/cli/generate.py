@@ -1,7 +1,7 @@
 """``liveavatar generate``: image + audio file -> MP4, streamed block by block as it is made.
 
-Single process by default (the sequential runner); ``--tpp`` runs the same job through a lane of
-5 local processes (4 denoise stages + 1 decode stage).
+Single process by default (the sequential runner); ``--tpp`` runs the same job through a local lane
+of processes, shaped by ``--lane-shape`` (default ``4+1``: 4 denoise stages + 1 decode stage; docs/tpp.md).
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 on CPU, bf16 on GPU")
     p.add_argument("--dump-latents", default=None, help="write every block's final latent to this safetensors file")
     p.add_argument("--out", required=True, help="output .mp4 (fragmented MP4, H.264 + AAC)")
-    p.add_argument("--tpp", action="store_true", help="run through a 5-process TPP lane")
+    p.add_argument("--tpp", action="store_true", help="run through a TPP lane of local processes (see --lane-shape)")
+    p.add_argument("--lane-shape", default="4+1", metavar="SHAPE",
+                   help="with --tpp: D+1 (D denoise processes of 4/D steps each, the decoder in its own process) "
+                        "or D (the decoder in the last denoise process), D in 1, 2, 4; every shape gives the same "
+                        "latents (default 4+1)")
     p.add_argument("--max-audio-seconds", type=float, default=3600.0, help="reject longer audio")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="reject larger images")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (results are bit-reproducible "
                    "for a fixed thread count)")
-    p.add_argument("--decode-threads", type=int, default=None, help="with --tpp: torch threads of the decode rank "
+    p.add_argument("--decode-threads", type=int, default=None, help="with --tpp: torch threads of the decoder "
                    "(default: --threads; the decode costs far more than a denoising step on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -76,6 +80,10 @@ def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = LiveAvatarConfig.load(args.config)
+    if args.tpp:                           # a bad lane shape fails here, before any model is built
+        from pipeline_stages.tpp import LaneShape
+
+        LaneShape.parse(args.lane_shape, config.scheduler.num_inference_steps)
     checkpoint = default_checkpoint(args.config, args.checkpoint)
     t0 = time.monotonic()
     random_weights = checkpoint is None
@@ -90,10 +98,10 @@ def _run(args: argparse.Namespace) -> int:
     latents: dict[str, torch.Tensor] = {}
     frames = 0
     bar = tqdm(total=n_blocks, unit="block", disable=args.no_progress, file=sys.stderr)
-    # with --tpp the same job runs through a 5-process lane; this process only encodes audio and packages
+    # with --tpp the same job runs through a lane of processes; this process only encodes audio and packages
     runner = open_runner(config, lane=args.tpp, device=args.device, dtype=dtype, seed=args.seed,
                          checkpoint=checkpoint, lora=args.lora, threads=args.threads or 1,
-                         decode_threads=args.decode_threads)
+                         decode_threads=args.decode_threads, shape=args.lane_shape if args.tpp else None)
     with open(out, "wb") as f, runner as r:
         t_start = time.monotonic()
         f.write(r.start_session(spec))
@@ -120,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         "fps": round(frames / elapsed, 2) if elapsed > 0 else None,
         "real_time_factor": round(video_s / elapsed, 3) if elapsed > 0 else None,
         "setup_seconds": round(t_start - t0, 2), "random_weights": random_weights,
-        "mode": "tpp" if args.tpp else "sequential",
+        "mode": "tpp" if args.tpp else "sequential", "lane_shape": args.lane_shape if args.tpp else None,
     }
     print(json.dumps(summary))
     return 0

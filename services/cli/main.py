@@ -4,7 +4,7 @@ Every subcommand is registered in :func:`build_parser`; each lives in its own mo
 the CLI stays cheap (torch is only imported by the commands that need it).
 
 The stack verbs share one style: ``up``, ``status``, ``down``, ``infra up|status|down`` and
-``tenants create`` all take ``--run-dir`` and ``--json`` from the same parent parsers, print one row
+``tenants create|list|revoke`` all take ``--run-dir`` and ``--json`` from the same parent parsers, print one row
 per part (``NAME  STATE  ADDRESS``) or one JSON object, and exit 0 when all is well, 1 when something
 is down and 2 on bad input.
 """
@@ -112,7 +112,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from services.cli import stack_cmd
 
     run_dir = _run_dir(args)
-    stack_cmd.up(run_dir, lanes=args.lanes, timeout_s=args.timeout, api=not args.no_api)
+    res = stack_cmd.up(run_dir, lanes=args.lanes, timeout_s=args.timeout, api=not args.no_api,
+                       lane_shape=args.lane_shape, lane_decode_threads=args.lane_decode_threads)
+    if res.get("lanes"):
+        print(f"lanes: {res['lanes']['reason']}", file=sys.stderr)
+    if not args.no_api:
+        address = stack_cmd.api_address(run_dir)
+        taken = "" if address.endswith(f":{stack_cmd.API_PORT}") else f" (port {stack_cmd.API_PORT} was taken)"
+        print(f"session API: {address}{taken}", file=sys.stderr)
     return _report(args, run_dir, stack_cmd.status(run_dir))
 
 
@@ -169,6 +176,17 @@ def _lazy(module: str, func: str = "run"):
 
         return getattr(importlib.import_module(f"services.cli.{module}"), func)(args)
     return handler
+
+
+def _lane_shape(text: str) -> str:
+    if text == "auto":
+        return text
+    from pipeline_stages.tpp.shape import LaneShape
+
+    try:
+        return LaneShape.parse(text, steps=4).name     # the method's 4 steps; each lane checks its model's own
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -228,7 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start the whole local stack (broker, Redis, services, lanes) in the background",
                        epilog=_epilog("liveavatar up --lanes 2", "liveavatar status", "liveavatar down"))
     p.add_argument("--lanes", type=_positive_int, default=1, metavar="N",
-                   help="number of lanes, 5 processes each (default 1)")
+                   help="number of lanes, one session each (default 1)")
+    p.add_argument("--lane-shape", type=_lane_shape, default="auto", metavar="SHAPE",
+                   help="each lane's shape: D+1 (D denoise processes and the decoder in its own) or D (the decoder "
+                        "in the last denoise process), D in 1, 2, 4; 'auto' (default) picks the shape and decoder "
+                        "threads predicted to keep up on this machine and prints the choice")
+    p.add_argument("--lane-decode-threads", type=_positive_int, default=None, metavar="N",
+                   help="torch threads of each lane's decoder (default: auto's choice, else 1)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="seconds to wait until every service is ready (default 300)")
     p.add_argument("--no-api", action="store_true", help="do not start the session API")
@@ -268,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minutes of video the tenant may generate per day (default 600)")
     t.add_argument("--redis-url", default=None, metavar="URL", help="Redis to write to (default: the local stack's)")
     t.set_defaults(func=_cmd_tenants_create)
+    from services.cli import tenants_cmd, webhook_cmd
+
+    tenants_cmd.add_parsers(tsub, stack_flags, fmt, _epilog)
+    webhook_cmd.add_parser(tsub, stack_flags, fmt, _epilog)
 
     # model commands
     from services.cli import eval_cmd, generate, inspect_cmd, train_cmd

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from infra.local.stack import free_port, free_port_block, stop_pid
+from pipeline_stages.tpp.shape import parse_shape
 from services.common.logging import configure_logging, get_logger
 from services.common.worker import GracefulStop
 
@@ -41,8 +42,12 @@ class ServiceDef:
     extra: dict = field(default_factory=dict)
 
 
-def plan(run_dir: Path, lanes: int, stages: int, extra_env: dict[str, str], api: bool) -> list[ServiceDef]:
-    """The services of one local stack, with their ports chosen now."""
+def plan(run_dir: Path, lanes: int, shape: str, extra_env: dict[str, str], api: bool,
+         lane_env: dict[str, str] | None = None) -> list[ServiceDef]:
+    """The services of one local stack, with their ports chosen now; ``shape`` is each lane's shape (``4+1``,
+    ``2``, ...) and ``lane_env`` extra environment of the lanes only (e.g. their torch threads)."""
+    denoisers, own_decoder = parse_shape(shape)
+    ranks = denoisers + (1 if own_decoder else 0)
     py = sys.executable
     out = []
     port = free_port()
@@ -52,13 +57,16 @@ def plan(run_dir: Path, lanes: int, stages: int, extra_env: dict[str, str], api:
     out.append(ServiceDef("stream-packager", [py, "-m", "services.stream_packager"],
                           {**extra_env, "LIVEAVATAR_HEALTH_PORT": str(port)}, [port],
                           str(run_dir / "stream-packager.log")))
+    port = free_port()
+    out.append(ServiceDef("webhooks", [py, "-m", "services.webhooks"],
+                          {**extra_env, "LIVEAVATAR_HEALTH_PORT": str(port)}, [port], str(run_dir / "webhooks.log")))
     for k in range(lanes):
-        base = free_port_block(stages + 1)
+        base = free_port_block(ranks)
         lane_id = f"lane-{k}"
         out.append(ServiceDef(lane_id, [py, "-m", "services.lane.group", "--lane-id", lane_id, "--partition", str(k),
-                                        "--run-dir", str(run_dir), "--stages", str(stages)],
-                              {**extra_env, "LIVEAVATAR_HEALTH_PORT": str(base)},
-                              list(range(base, base + stages + 1)), str(run_dir / f"{lane_id}.group.log"),
+                                        "--run-dir", str(run_dir), "--shape", shape],
+                              {**extra_env, **(lane_env or {}), "LIVEAVATAR_HEALTH_PORT": str(base)},
+                              list(range(base, base + ranks)), str(run_dir / f"{lane_id}.group.log"),
                               rank_pids_file=str(run_dir / f"{lane_id}.pids")))
     if api:
         port = int(extra_env.get("LIVEAVATAR_API_PORT", "0")) or free_port()
@@ -87,13 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m services.cli.supervisor")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--lanes", type=int, default=1)
-    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--lane-shape", default="4+1", help="each lane's shape, D+1 or D (docs/tpp.md)")
+    p.add_argument("--lane-threads", type=int, default=None, help="torch threads of each lane rank")
+    p.add_argument("--lane-decode-threads", type=int, default=None, help="torch threads of each lane's decoder")
     p.add_argument("--api", action="store_true")
     args = p.parse_args(argv)
     configure_logging(json_logs=True)
     run_dir = Path(args.run_dir)
     extra = {k: v for k, v in os.environ.items() if k.startswith("LIVEAVATAR_")}
-    services = plan(run_dir, args.lanes, args.stages, extra, args.api)
+    lane_env = {}
+    if args.lane_threads:
+        lane_env["LIVEAVATAR_THREADS"] = str(args.lane_threads)
+    if args.lane_decode_threads:
+        lane_env["LIVEAVATAR_DECODE_THREADS"] = str(args.lane_decode_threads)
+    services = plan(run_dir, args.lanes, args.lane_shape, extra, args.api, lane_env)
     stop = GracefulStop().install()      # SIGTERM / SIGINT: stop the children gracefully
     for svc in services:
         _spawn(svc)

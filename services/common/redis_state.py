@@ -7,13 +7,17 @@ Every key is namespaced (``<ns>:``, default ``la``) and expires. The layout::
     la:session:{sid}:image      bytes  the uploaded reference image (until the sink is encoded)       TTL 1 h
     la:sink:{sid}               hash   ref / motion / text tensors (wire-encoded), seed                TTL session
     la:anchor:{sid}             bytes  the re-anchored sink latent (block 0's first frame)             TTL session
-    la:cursor:{sid}             hash   audio_seq, audio_pending, features_block, lane_block,
-                                       media_block, acked_block                                        TTL session
+    la:cursor:{sid}             hash   audio_seq, audio_pending, features_block, lane_started, lane_block,
+                                       media_block, acked_block, in_seq, accepted_samples,
+                                       pace_credit, pace_t (the API's no-faster-than-real-time bucket)  TTL session
     la:lane:{lane_id}           hash   partition, pool, status, session, heartbeat, drain              TTL heartbeat
     la:lanesession:{lane_id}    str    the session a lane serves; outlives the lane's heartbeat TTL    TTL session
     la:lanes                    zset   lane id -> partition                                             (members expire
                                                                                                         with their hash)
     la:usage:{tid}:{yyyymmdd}   float  seconds of video generated                                       TTL 2 days
+    la:usageblocks:{tid}:{yyyymmdd} int blocks generated                                                TTL 2 days
+    la:utterances:{sid}         zset   end_utterance seq -> the utterance's last block (until its
+                                       ``utterance.ended`` event is published)                           TTL session
 
 Tenancy: session records carry their tenant; :meth:`StateStore.get_session` with a ``tenant`` argument
 returns ``None`` for another tenant's session (callers answer 404 either way).
@@ -247,13 +251,39 @@ class StateStore:
         self.r.hset(self.k("lane", lane_id), "drain", "1" if drain else "0")
 
     # ---- usage ---------------------------------------------------------------------------------
-    def add_usage(self, tenant: str, seconds: float, day: str | None = None) -> float:
-        key = self.k("usage", tenant, day or time.strftime("%Y%m%d", time.gmtime()))
+    def add_usage(self, tenant: str, seconds: float, day: str | None = None, blocks: int = 1) -> float:
+        """Count ``seconds`` of generated video (``blocks`` blocks, one per call by default) for the tenant."""
+        day = day or time.strftime("%Y%m%d", time.gmtime())
+        key, bkey = self.k("usage", tenant, day), self.k("usageblocks", tenant, day)
         p = self.r.pipeline()
         p.incrbyfloat(key, seconds)
         p.expire(key, 2 * 24 * 3600)
+        p.incrby(bkey, blocks)
+        p.expire(bkey, 2 * 24 * 3600)
         return float(p.execute()[0])
 
     def get_usage(self, tenant: str, day: str | None = None) -> float:
         v = self.r.get(self.k("usage", tenant, day or time.strftime("%Y%m%d", time.gmtime())))
         return float(v) if v is not None else 0.0
+
+    def get_usage_blocks(self, tenant: str, day: str | None = None) -> int:
+        v = self.r.get(self.k("usageblocks", tenant, day or time.strftime("%Y%m%d", time.gmtime())))
+        return int(v) if v is not None else 0
+
+    # ---- utterances (for the utterance.ended event) --------------------------------------------
+    def mark_utterance_end(self, session_id: str, seq: int, last_block: int) -> None:
+        """The utterance ended by input event ``seq`` ends with block ``last_block`` (idempotent)."""
+        key = self.k("utterances", session_id)
+        p = self.r.pipeline()
+        p.zadd(key, {str(seq): last_block})
+        p.expire(key, self.ttl)
+        p.execute()
+
+    def utterances_through(self, session_id: str, block: float) -> list[tuple[int, int]]:
+        """``(seq, last_block)`` of the marked utterances that end at or before ``block``, oldest first."""
+        rows = self.r.zrangebyscore(self.k("utterances", session_id), "-inf", block, withscores=True)
+        return [(int(m), int(b)) for m, b in rows]
+
+    def clear_utterances(self, session_id: str, seqs: list[int]) -> None:
+        if seqs:
+            self.r.zrem(self.k("utterances", session_id), *[str(x) for x in seqs])

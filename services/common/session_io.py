@@ -41,6 +41,34 @@ def queued_seconds(store: StateStore, session_id: str, block_samples: int = 7680
     return max(0, accepted - generated) / rate
 
 
+def admit_audio(store: StateStore, session_id: str, samples: int, max_ahead_s: float,
+                max_backlog_s: float | None = None, rate: int = 16000, now: float | None = None) -> None:
+    """Accept ``samples`` of a session's audio, or refuse them with :class:`Backpressure` (count nothing).
+
+    The rule a client must follow is *no faster than real time*, so that is what is measured: a token
+    bucket of ``max_ahead_s`` seconds that refills at one second per second (``pace_credit`` and
+    ``pace_t`` in the session's cursor). Audio is refused while the client is already more than
+    ``max_ahead_s`` ahead of real time; a burst of at most that much (plus the chunk in hand) is fine.
+    A stall of the pipeline (a service restarting) does not count against a client that keeps real
+    time: its audio waits on Kafka and is generated when the stage is back. ``max_backlog_s`` bounds
+    that wait (audio accepted but not yet generated, :func:`queued_seconds`) as a safety limit.
+    """
+    if max_backlog_s is not None:
+        q = queued_seconds(store, session_id, rate=rate)
+        if q > max_backlog_s:
+            raise Backpressure(f"session {session_id} has {q:.1f} s of audio queued and not yet generated "
+                               f"(limit {max_backlog_s:g} s); retry later")
+    key = store.k("cursor", session_id)
+    now = time.time() if now is None else now
+    credit_raw, t_raw = store.r.hget(key, "pace_credit"), store.r.hget(key, "pace_t")
+    credit = max_ahead_s if credit_raw is None else float(credit_raw)
+    credit = min(max_ahead_s, credit + max(0.0, now - (now if t_raw is None else float(t_raw))))
+    if credit < 0:
+        raise Backpressure(f"audio of session {session_id} is queued {max_ahead_s - credit:.1f} s ahead of real "
+                           f"time (limit {max_ahead_s:g} s): send audio no faster than real time")
+    store.set_cursor(session_id, pace_credit=repr(credit - samples / rate), pace_t=repr(now))
+
+
 def publish_pcm(producer: KafkaProducer, session_id: str, tenant_id: str, pcm: np.ndarray, first_seq: int,
                 chunk: int = 3200, store: StateStore | None = None, max_queued_s: float | None = None) -> int:
     """Send 16 kHz float32 PCM in chunks with consecutive sequence numbers; returns the next seq.

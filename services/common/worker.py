@@ -59,10 +59,35 @@ def update_lag(consumer, service: str) -> dict[str, int]:
     return lag
 
 
+def commit_durable(consumer, held=None) -> None:
+    """Commit every assigned partition at its position, except where ``held`` names an earlier offset.
+
+    ``held`` (a dict, or a function returning one) is ``{TopicPartition: offset}``: the first record of a
+    partition whose effect lives only in this process's memory (e.g. events of a session waiting for a
+    lane). Committing past it would lose it on a crash; committing at it makes a restarted worker re-read
+    it (and drop what it already handled as duplicates)."""
+    hold = held() if callable(held) else (held or {})
+    if not hold:
+        consumer.commit()
+        return
+    from kafka import OffsetAndMetadata
+
+    offsets = {}
+    for tp in consumer.assignment():
+        pos = consumer.position(tp)
+        if pos is not None:
+            offsets[tp] = OffsetAndMetadata(min(pos, hold[tp]) if tp in hold else pos, None, -1)
+    if offsets:
+        consumer.commit(offsets)
+
+
 def run_consume_loop(name: str, settings: WorkerSettings, consumer, producer, handle, stop: GracefulStop,
-                     is_ready, set_ready, after_poll=None, active_sessions=None) -> None:
+                     is_ready, set_ready, after_poll=None, active_sessions=None, held=None,
+                     pass_record: bool = False) -> None:
     """The loop of a Kafka worker: poll, handle each record in order, flush what was produced, then commit
     (so a crash re-reads only records whose output may be missing: consumers are idempotent), export lag.
+    ``held``: offsets not to commit past (:func:`commit_durable`); ``pass_record``: ``handle`` gets the
+    record (topic, partition, offset, value) rather than its value.
     On SIGTERM: drain (flush + commit) and close. Serves /healthz, /readyz, /metrics meanwhile."""
     from services.common.health import ACTIVE_SESSIONS, HealthServer
     from services.common.logging import get_logger
@@ -71,18 +96,21 @@ def run_consume_loop(name: str, settings: WorkerSettings, consumer, producer, ha
     stop.install()
     health = HealthServer(settings.health_host, settings.health_port, is_ready, name).start()
     log.info("started", health_port=health.port)
+    last_hold: dict = {}
     try:
         while not stop.stopping:
             batch = consumer.poll(timeout_ms=settings.poll_ms)
             set_ready()
             for records in batch.values():
                 for rec in records:
-                    handle(rec.value)
+                    handle(rec if pass_record else rec.value)
             if after_poll is not None:
                 after_poll()
-            if batch:
+            hold = held() if held is not None else {}
+            if batch or hold != last_hold:          # a released hold is committed without waiting for records
                 producer.flush()
-                consumer.commit()
+                commit_durable(consumer, hold)
+                last_hold = hold
             update_lag(consumer, name)
             if active_sessions is not None:
                 ACTIVE_SESSIONS.labels(name).set(active_sessions())
@@ -90,7 +118,7 @@ def run_consume_loop(name: str, settings: WorkerSettings, consumer, producer, ha
         log.info("stopping: draining")
         producer.flush()
         try:
-            consumer.commit()
+            commit_durable(consumer, held)
         finally:
             consumer.close()
             producer.close()

@@ -4,7 +4,7 @@ This is what LeaderWorkerSet's ``RecreateGroupOnPodRestart`` does in a cluster: 
 share one ``torch.distributed`` group, so a lane is restarted as a unit. Each generation gets a fresh
 ``file://`` rendezvous in the run directory (no listening store socket).
 
-    python -m services.lane.group --lane-id lane-0 --partition 0 --run-dir .run [--stages 4]
+    python -m services.lane.group --lane-id lane-0 --partition 0 --run-dir .run [--shape 4+1]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from infra.local.stack import stop_pid
+from pipeline_stages.tpp.shape import parse_shape
 from services.common.logging import configure_logging, get_logger
 from services.common.worker import GracefulStop
 
@@ -29,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lane-id", required=True)
     p.add_argument("--partition", type=int, required=True)
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--shape", default="4+1", help="the lane's shape, D+1 or D (docs/tpp.md)")
     p.add_argument("--restart-backoff-s", type=float, default=1.0)
     args = p.parse_args(argv)
+    denoisers, own_decoder = parse_shape(args.shape)
+    world_size = denoisers + (1 if own_decoder else 0)
     configure_logging(json_logs=True, level=os.environ.get("LIVEAVATAR_LOG_LEVEL", "INFO"))
     run_dir = Path(args.run_dir)
     stop = GracefulStop().install()      # SIGTERM / SIGINT: stop the children gracefully
@@ -42,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         rdv = run_dir / f"{args.lane_id}.rdv.{generation}"
         rdv.unlink(missing_ok=True)
         procs = []
-        for rank in range(args.stages + 1):
+        for rank in range(world_size):
             env = dict(os.environ, LIVEAVATAR_DIST_RANK=str(rank), LIVEAVATAR_DIST_INIT_METHOD=f"file://{rdv}",
                        LIVEAVATAR_LANE_ID=args.lane_id, LIVEAVATAR_LANE_PARTITION=str(args.partition),
-                       LIVEAVATAR_LANE_STAGES=str(args.stages))
+                       LIVEAVATAR_LANE_SHAPE=args.shape)
             log_file = open(run_dir / f"{args.lane_id}.rank{rank}.log", "ab")
             procs.append(subprocess.Popen([sys.executable, "-m", "services.lane"], env=env, stdout=log_file,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))

@@ -1,11 +1,12 @@
 """The lane service: one image, one process per rank; the role comes from the rank.
 
-- rank 0 (the head, denoise step 0): reads its partition of ``audio-features`` and feeds the lane;
-- ranks 1..steps-1: denoise steps, joined by ``torch.distributed`` only;
-- rank ``steps``: the VAE decoder; writes decoded blocks to ``frames`` and the cursor to Redis.
+- rank 0 (the head, the first denoise rank): reads its partition of ``audio-features`` and feeds the lane;
+- the next ranks: denoise steps, joined by ``torch.distributed`` only;
+- the last rank: the VAE decoder (alone in shape ``D+1``, after its denoising steps in shape ``D``); writes
+  decoded blocks to ``frames`` and the cursor to Redis.
 
 The ranks are :func:`pipeline_stages.tpp.run_rank` with Kafka/Redis-backed sources and outputs; which rank
-does what comes from :class:`pipeline_stages.tpp.LaneShape`.
+does what comes from the lane's shape (``LIVEAVATAR_LANE_SHAPE``, :class:`pipeline_stages.tpp.LaneShape`).
 
 Restart (a rank died; the whole group is recreated, as LeaderWorkerSet's RecreateGroupOnPodRestart
 does and as ``services.lane.group`` does locally): the head finds in Redis the session its lane was
@@ -47,6 +48,7 @@ from pipeline_stages.tpp import (
     StartSession,
     run_rank,
 )
+from pipeline_stages.tpp.shape import parse_shape
 from services.common.health import ACTIVE_SESSIONS, BLOCKS, DUPLICATES, FPS, QUEUE_LAG, HealthServer
 from services.common.kafka import make_consumer, make_producer
 from services.common.logging import get_logger
@@ -75,7 +77,7 @@ class LaneSettings(WorkerSettings):
     lane_partition_base: int = 0
     health_port_by_rank: bool = True         # local: ranks share a host, so rank r serves health_port + r
     lane_pool: str = "default"
-    lane_stages: int = 4
+    lane_shape: str = "4+1"                  # D+1 or D: D denoise ranks, the decoder on its own rank or not (docs/tpp.md)
     dist_rank: int = 0                       # LWS_WORKER_INDEX in a LeaderWorkerSet
     dist_world_size: int | None = None       # LWS_GROUP_SIZE in a LeaderWorkerSet: checked against the lane's ranks
     dist_init_method: str = ""               # file:///path locally; tcp://<leader>:29500 in a cluster
@@ -90,10 +92,11 @@ class LaneSettings(WorkerSettings):
     emit_latents: bool = False               # also put each block's final latent on the frames topic (tests)
 
     def model_post_init(self, _ctx) -> None:
-        ranks = self.lane_stages + 1   # the denoise stages and the decoder
+        denoisers, own_decoder = parse_shape(self.lane_shape)    # a bad shape fails here, with the syntax
+        ranks = denoisers + (1 if own_decoder else 0)
         if self.dist_world_size is not None and self.dist_world_size != ranks:
-            raise ValueError(f"LIVEAVATAR_DIST_WORLD_SIZE={self.dist_world_size} but a lane of "
-                             f"{self.lane_stages} stages has {ranks} ranks (the LeaderWorkerSet size must match)")
+            raise ValueError(f"LIVEAVATAR_DIST_WORLD_SIZE={self.dist_world_size} but a lane of shape "
+                             f"{self.lane_shape} has {ranks} ranks (the LeaderWorkerSet size must match)")
         if not 0 <= self.dist_rank < ranks:
             raise ValueError(f"LIVEAVATAR_DIST_RANK={self.dist_rank} is outside the lane's ranks 0..{ranks - 1}")
         if self.lane_group_index is not None and self.lane_id_prefix:
@@ -320,7 +323,8 @@ class _LogReporter:
 
 def run_lane_rank(s: LaneSettings) -> None:
     config = LiveAvatarConfig.load(s.model)
-    spec = RankSpec(rank=s.dist_rank, shape=LaneShape(steps=s.lane_stages), config=config, init_method=s.init_method(),
+    shape = LaneShape.parse(s.lane_shape, config.scheduler.num_inference_steps)
+    spec = RankSpec(rank=s.dist_rank, shape=shape, config=config, init_method=s.init_method(),
                     device=s.device, dtype=s.dtype, weights_seed=s.weights_seed,
                     checkpoint=default_checkpoint(s.model, s.checkpoint),
                     timeout_s=s.rank_timeout_s, heartbeat_s=s.heartbeat_s, threads=s.threads,
@@ -334,7 +338,8 @@ def run_lane_rank(s: LaneSettings) -> None:
     output = KafkaLaneOutput(s, store) if spec.is_decode else None
     if source is not None:
         source = _StoppableSource(source, stop)
-    log.info("lane rank starting", lane=s.lane_id, rank=s.dist_rank, stage=spec.stage_name, health_port=health.port)
+    log.info("lane rank starting", lane=s.lane_id, rank=s.dist_rank, stage=spec.stage_name, shape=shape.name,
+             health_port=health.port)
     try:
         run_rank(spec, source, output, reporter)      # sets the rank's torch threads (spec.torch_threads)
     finally:

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from services.common.logging import get_logger
-from services.session_api import errors
+from services.session_api import bus, errors
 from services.session_api.metrics import LATENCY, REQUESTS
 from services.session_api.routes import ROUTERS
 from services.session_api.settings import ApiSettings
@@ -44,7 +44,8 @@ def create_app(settings: ApiSettings | None = None,
         app.state.la = st
         if not await st.io(st.hub.ready.wait, HUB_READY_TIMEOUT_S):
             log.warning("the media topic is not being read yet; /readyz says so until it is")
-        log.info("session API ready")
+        bus.start_background(st)           # timer-lease takeover, media presence, event-loop lag probe
+        log.info("session API ready", replica=st.replica)
         try:
             yield
         finally:

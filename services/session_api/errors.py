@@ -19,7 +19,7 @@ from services.session_api.schemas import ErrorOut
 log = get_logger("session-api")
 
 CODES = {400: "bad_request", 401: "unauthorized", 402: "quota_exhausted", 403: "forbidden", 404: "not_found",
-         405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
+         405: "method_not_allowed", 409: "conflict", 410: "gone", 413: "too_large", 415: "unsupported_media_type",
          422: "invalid", 429: "too_many_requests", 500: "internal", 503: "unavailable"}
 
 #: The error statuses the OpenAPI document lists for every operation.

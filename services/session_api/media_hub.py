@@ -3,7 +3,10 @@
 :class:`MediaHub`: one background thread reads every partition of ``media`` (no consumer group: every
 API replica sees every session) and keeps, per session, the init segment and the last ``buffer_blocks``
 fragments. Duplicate fragments (a restarted packager) are dropped here by block index. Sessions whose
-media ended (or that went quiet) are forgotten after a while, so memory stays flat.
+media ended (or that went quiet) are forgotten after a while, so memory stays flat. A hub that starts
+(a replica that starts or restarts) reads the last ``lookback_s`` of ``media`` first, so the sessions
+that are live then have their init segment and recent fragments here too: a client whose replica died
+reconnects with ``from_block`` and misses nothing.
 
 :class:`MediaStream`: one client connection's view of a session's media, used by both
 ``GET /v1/sessions/{id}/media.mp4`` and ``WS /v1/sessions/{id}/media``. It yields the init segment first,
@@ -62,8 +65,8 @@ class MediaPiece:
 
 class MediaHub:
     def __init__(self, kafka: KafkaConnection | str, buffer_blocks: int = 64, forget_ended_after_s: float = 300.0,
-                 forget_quiet_after_s: float = 3600.0):
-        self.kafka, self.buffer_blocks = kafka, buffer_blocks
+                 forget_quiet_after_s: float = 3600.0, lookback_s: float = 600.0):
+        self.kafka, self.buffer_blocks, self.lookback_s = kafka, buffer_blocks, lookback_s
         self.forget_ended_after_s, self.forget_quiet_after_s = forget_ended_after_s, forget_quiet_after_s
         self.sessions: dict[str, SessionMedia] = {}
         self.lock = threading.Lock()
@@ -85,7 +88,7 @@ class MediaHub:
         name = topics.name(topics.MEDIA)
         tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
         consumer.assign(tps)
-        consumer.seek_to_end(*tps)       # sessions start after this replica does
+        self._seek_back(consumer, tps)
         for tp in tps:
             consumer.position(tp)
         self.ready.set()
@@ -100,6 +103,24 @@ class MediaHub:
                     next_sweep = time.monotonic() + 10
         finally:
             consumer.close()
+
+    def _seek_back(self, consumer, tps: list[TopicPartition]) -> None:
+        """Start ``lookback_s`` back in time (the sessions live now began at most about that long ago, or
+        sent their init segment again since); at the end where nothing is that recent."""
+        since = int((time.time() - self.lookback_s) * 1000)
+        found = consumer.offsets_for_times({tp: since for tp in tps}) if self.lookback_s > 0 and tps else {}
+        for tp in tps:
+            hit = found.get(tp)
+            if hit is None or hit.timestamp < 0:   # nothing that recent (Tansu answers offset 0, timestamp -1)
+                consumer.seek_to_end(tp)
+            else:
+                consumer.seek(tp, hit.offset)
+
+    def has(self, session_id: str) -> bool:
+        """Whether any media of the session is here (init segment, fragments or its end)."""
+        with self.lock:
+            sm = self.sessions.get(session_id)
+            return sm is not None and bool(sm.init or sm.fragments or sm.ended)
 
     def _add(self, raw: bytes) -> None:
         try:
@@ -118,7 +139,7 @@ class MediaHub:
                 sm.last_block = h.seq
                 while len(sm.fragments) > self.buffer_blocks:
                     sm.fragments.popitem(last=False)
-            elif h.kind == "end":
+            elif h.kind == "end" and not sm.ended:                   # a replayed end carries no tail
                 sm.ended, sm.tail = True, data
             sm.updated = time.monotonic()
 

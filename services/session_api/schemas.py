@@ -66,8 +66,13 @@ class SessionOut(BaseModel):
 
 
 class UsageOut(BaseModel):
+    """The tenant's metering for the current UTC day: video generated (seconds and 0.48 s blocks) against
+    its quota, and its sessions."""
+
     tenant: str
+    day: str = Field(description="the UTC day counted, YYYYMMDD")
     seconds_generated_today: float
+    blocks_generated_today: int
     minutes_per_day: float
     active_sessions: int
     max_sessions: int

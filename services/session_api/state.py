@@ -21,28 +21,23 @@ from kafka import KafkaProducer
 from services.common.kafka import make_producer
 from services.common.redis_state import StateStore
 from services.session_api.media_hub import MediaHub
-from services.session_api.schemas import SessionOptions
 from services.session_api.settings import ApiSettings
+from services.session_api.timers import Leases, replica_id
 
 T = TypeVar("T")
 
 
 @dataclass(eq=False)
 class SessionRuntime:
-    """What this replica tracks for a session it created: its ticker (idle motion, idle timeout, maximum
-    duration), its media clients and the time of its last audio and activity."""
+    """What this replica knows of a session by itself: its media clients here, when this replica last saw
+    activity, and the lock that orders the input events it sends. (The session's timers live in Redis
+    and run wherever its lease is: :mod:`services.session_api.timers`.)"""
 
     sid: str
-    tenant: str
-    opts: SessionOptions
-    created: float = field(default_factory=time.monotonic)
-    last_audio: float = field(default_factory=time.monotonic)
-    last_activity: float = field(default_factory=time.monotonic)
     media_clients: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)   # orders this session's input events
-    ended: bool = False
-    end_reason: str = ""
-    task: asyncio.Task | None = None
+    reported: float = 0.0                  # monotonic time of the last media-presence report to Redis
 
 
 @dataclass(eq=False)
@@ -52,9 +47,17 @@ class AppState:
     producer: KafkaProducer
     hub: MediaHub
     executor: ThreadPoolExecutor
-    runtimes: dict[str, SessionRuntime] = field(default_factory=dict)
-    # Locks of sessions this replica did not create, alive only while someone holds them.
+    runtimes: dict[str, SessionRuntime] = field(default_factory=dict)     # sessions with media clients here
+    tickers: dict[str, asyncio.Task] = field(default_factory=dict)        # sessions whose timer lease we hold
+    replica: str = field(default_factory=replica_id)
+    leases: Leases | None = None
+    background: list[asyncio.Task] = field(default_factory=list)
+    # Locks of sessions, alive only while someone holds them.
     _locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(default_factory=weakref.WeakValueDictionary)
+
+    def __post_init__(self) -> None:
+        if self.leases is None:
+            self.leases = Leases(self.store, self.replica, self.settings.timer_lease_s)
 
     @classmethod
     def connect(cls, settings: ApiSettings) -> AppState:
@@ -71,20 +74,31 @@ class AppState:
 
     def session_lock(self, sid: str) -> asyncio.Lock:
         """The lock that keeps one session's input sequence numbers in the order they are sent."""
-        rt = self.runtimes.get(sid)
-        if rt is not None:
-            return rt.lock
         lock = self._locks.get(sid)
         if lock is None:
             lock = self._locks[sid] = asyncio.Lock()
         return lock
 
+    def runtime(self, sid: str) -> SessionRuntime:
+        """This replica's view of a session (created on first use; dropped when no client is left)."""
+        rt = self.runtimes.get(sid)
+        if rt is None:
+            rt = self.runtimes[sid] = SessionRuntime(sid)
+        return rt
+
     async def close(self) -> None:
-        """Stop the tickers and the hub, deliver what the producer still holds, close everything."""
-        for rt in list(self.runtimes.values()):
-            if rt.task:
-                rt.task.cancel()
-        await asyncio.gather(*(rt.task for rt in self.runtimes.values() if rt.task), return_exceptions=True)
+        """Stop the background tasks and the tickers, hand the timer leases back (another replica takes
+        them over at once), stop the hub, deliver what the producer still holds, close everything."""
+        tasks = [*self.background, *self.tickers.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sid in list(self.tickers):
+            try:
+                await self.io(self.leases.release, sid, False)
+            except Exception:  # noqa: BLE001 - Redis gone: the lease simply runs out
+                pass
+        self.tickers.clear()
         await self.io(self.hub.stop)
         await self.io(self.producer.flush)
         await self.io(self.producer.close)

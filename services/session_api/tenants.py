@@ -91,3 +91,26 @@ def get_tenant(store: StateStore, tenant_id: str) -> Tenant | None:
 
 def active_sessions(store: StateStore, tenant_id: str) -> int:
     return sum(1 for r in store.list_sessions(tenant_id) if r.state in ACTIVE_STATES)
+
+
+def list_tenants(store: StateStore) -> list[Tenant]:
+    """Every tenant, by name."""
+    prefix = store.k("tenantcfg", "")
+    ids = sorted(k.decode()[len(prefix):] for k in store.r.scan_iter(match=prefix + "*", count=500))
+    return [t for t in (get_tenant(store, i) for i in ids) if t is not None]
+
+
+def revoke_tenant(store: StateStore, tenant_id: str) -> int:
+    """Remove a tenant and every API key of it (they answer 401 from now on); returns the keys removed.
+
+    Raises ``KeyError`` when there is no such tenant. Its usage counters and session records stay until
+    they expire; sessions still live get no more audio (their keys are gone) and end at their idle timeout.
+    The name can be used again afterwards.
+    """
+    cfg = store.k("tenantcfg", tenant_id)
+    if not store.r.exists(cfg):
+        raise KeyError(tenant_id)
+    keys = [k for k in store.r.scan_iter(match=store.k("apikey", "*"), count=500)
+            if (store.r.get(k) or b"").decode() == tenant_id]
+    store.r.delete(cfg, *keys)
+    return len(keys)

@@ -8,6 +8,10 @@ Idempotence and restart: a block at or below the session's ``media_block`` curso
 is dropped. A restarted packager creates the session's stage at the next block
 (``PackageStage(start_block=k)``), which gives the same init segment and continuous timestamps, so the
 client's byte stream stays valid; only the audio encoder restarts (see docs/services.md).
+
+Events: when the fragment of an utterance's last block is on ``media`` (the audio encoder marks which
+block ends each utterance in Redis), the packager publishes ``utterance.ended`` on ``events``, flushed
+before the mark is cleared, so a restart re-publishes (same event id) rather than loses it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 
 from infra import topics
 from pipeline_stages.package_stage import PackageStage, make_package_stage
+from services.common import events
 from services.common.health import BLOCK_LATENCY, BLOCKS, DUPLICATES, FPS
 from services.common.kafka import make_consumer, make_producer
 from services.common.logging import get_logger
@@ -61,6 +66,7 @@ class PackagerWorker:
             stage = self.stages.pop(sid, None)
             tail = stage.close() if stage is not None else b""
             self._emit(h, "end", h.seq, tail)
+            self._utterances_ended(h, float("inf"), None)
             return
         if h.seq <= self.store.cursor_int(sid, "media_block"):
             DUPLICATES.labels(SERVICE).inc()
@@ -79,6 +85,7 @@ class PackagerWorker:
         self._emit(h, "fragment", h.seq, fragment, start_time_s=float(stage.config.block_start_time(h.seq)))
         self.producer.flush()                                # media durable before the cursor moves
         self.store.advance_cursor(sid, "media_block", h.seq)
+        self._utterances_ended(h, h.seq, stage)
         BLOCK_LATENCY.labels(SERVICE, "package").observe(time.perf_counter() - t0)
         BLOCKS.labels(SERVICE, "package").inc()
         now = time.monotonic()
@@ -89,3 +96,16 @@ class PackagerWorker:
         header = Media(session_id=h.session_id, tenant_id=h.tenant_id, seq=seq, kind=kind, start_time_s=start_time_s)
         payload = {"data": Tensor("uint8", (len(data),), data)} if data else None
         self.producer.send(topics.name(topics.MEDIA), key=h.session_id.encode(), value=encode(header, payload))
+
+    def _utterances_ended(self, h: Frames, block: float, stage: PackageStage | None) -> None:
+        """Publish ``utterance.ended`` for the utterances whose last block is at or before ``block``."""
+        ended = self.store.utterances_through(h.session_id, block)
+        for seq, last in ended:
+            data = {"last_block": last}
+            if stage is not None:
+                data["media_time_s"] = round(float(stage.config.block_start_time(last + 1)), 3)
+            events.publish(self.producer, h.tenant_id,
+                           events.make_event("utterance.ended", h.session_id, data, discriminator=str(seq)))
+        if ended:
+            self.producer.flush()                            # the events are durable before the marks go
+            self.store.clear_utterances(h.session_id, [seq for seq, _ in ended])

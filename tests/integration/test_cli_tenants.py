@@ -46,3 +46,29 @@ def test_json_output_carries_the_key(redis_url):
     out = json.loads(r.stdout)
     assert out["tenant_id"] == name and out["minutes_per_day"] == 5.0
     assert tenant_for_key(StateStore.from_url(redis_url), out["api_key"]).tenant_id == name
+
+
+def _cli(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", "tenants", *args, "--redis-url", redis_url],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_list_shows_the_tenants_and_revoke_makes_their_keys_fail(redis_url):
+    a, b = f"lst-{uuid.uuid4().hex[:6]}", f"rev-{uuid.uuid4().hex[:6]}"
+    key_a = _create(redis_url, a, "--max-sessions", "3").stdout.strip()
+    key_b = _create(redis_url, b, "--minutes-per-day", "7").stdout.strip()
+    listed = json.loads(_cli(redis_url, "list", "--json").stdout)["tenants"]
+    rows = {t["tenant_id"]: t for t in listed}
+    assert rows[a]["max_sessions"] == 3 and rows[b]["minutes_per_day"] == 7.0
+    text = _cli(redis_url, "list").stdout.splitlines()
+    assert text[0].split() == ["NAME", "MAX_SESSIONS", "MIN/DAY"] and any(ln.split()[0] == b for ln in text[1:])
+
+    r = _cli(redis_url, "revoke", b)
+    assert r.returncode == 0 and r.stdout.strip() == f"tenant {b} revoked (1 API key removed)", r.stdout + r.stderr
+    store = StateStore.from_url(redis_url)
+    assert tenant_for_key(store, key_b) is None and get_tenant(store, b) is None
+    assert tenant_for_key(store, key_a).tenant_id == a                     # another tenant is untouched
+    assert b not in {t["tenant_id"] for t in json.loads(_cli(redis_url, "list", "--json").stdout)["tenants"]}
+    again = _cli(redis_url, "revoke", b)
+    assert again.returncode == 2 and f"no tenant '{b}'" in again.stderr
+    assert _create(redis_url, b).returncode == 0                           # the name is free again

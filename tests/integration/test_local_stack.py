@@ -172,3 +172,35 @@ def test_committed_offsets_resume_a_restarted_consumer(kafka_bootstrap):
     second.close()
     producer.close()
     assert rest == [4, 5, 6, 7, 8, 9]
+
+
+def test_redis_state_survives_down_and_up_and_a_new_run_settles_the_old_sessions(tmp_path):
+    from services.cli.stack_cmd import settle_previous_run
+    from services.common.redis_state import SessionRecord, StateStore
+    from services.session_api.tenants import create_tenant, tenant_for_key
+
+    stack = LocalStack(tmp_path / "run")
+    info = stack.up()
+    try:
+        store = StateStore.from_url(info.redis_url)
+        _, key = create_tenant(store, "keeper")
+        store.put_session(SessionRecord("s-live", "keeper", state="active", lane="lane-0"))
+        store.put_session(SessionRecord("s-done", "keeper", state="ended"))
+        store.register_lane("lane-0", 0)
+        store.claim_lane("s-live")
+        store.add_usage("keeper", 4.8)
+        store.r.close()
+        stack.down()                                   # written a moment ago: `down` saves before it stops
+        info = stack.up()
+        store = StateStore.from_url(info.redis_url)
+        assert tenant_for_key(store, key).tenant_id == "keeper"
+        assert store.get_usage("keeper") == 4.8 and store.get_session("s-live").state == "active"
+        assert (tmp_path / "run" / "dump.rdb").exists()
+        # what `liveavatar up` does before it starts the services: nothing serves the old live session
+        assert settle_previous_run(info.redis_url) == ["s-live"]
+        live = store.get_session("s-live")
+        assert live.state == "ended" and live.error == "the local stack was stopped"
+        assert store.get_session("s-done").state == "ended" and store.list_lanes() == {}
+        assert store.lane_session("lane-0") == "" and tenant_for_key(store, key).tenant_id == "keeper"
+    finally:
+        stack.down()

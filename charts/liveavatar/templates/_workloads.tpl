@@ -1,5 +1,5 @@
 {{/*
-Workload helpers shared by the CPU services (session-api, audio-encoder, stream-packager, lane-controller).
+Workload helpers shared by the CPU services (session-api, audio-encoder, stream-packager, webhooks, lane-controller).
 Each component's folder holds one small template per kind that calls these.
 */}}
 

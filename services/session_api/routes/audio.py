@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, HTTPException, UploadFile, WebSocket, WebSo
 from pydantic import ValidationError
 
 from models.inputs import InputError, Resampler, load_audio, pcm_from_bytes
+from services.common.logging import get_logger
 from services.session_api import bus
 from services.session_api.deps import StateDep, TenantDep, app_state, require_active, session_of, ws_session
 from services.session_api.errors import api_error, describe
@@ -16,6 +17,7 @@ from services.session_api.routes.sessions import read_limited
 from services.session_api.schemas import AudioAccepted, AudioControl, AudioFormat
 
 router = APIRouter(tags=["audio"])
+log = get_logger("session-api")
 
 AUDIO_TYPES = ("application/octet-stream", "application/ogg")
 
@@ -45,6 +47,7 @@ async def ws_audio(ws: WebSocket, sid: str):
     tenant_id = found[0].tenant_id
     s = st.settings
     await ws.accept()
+    open_utterance = False                   # audio sent since the last end of utterance
     try:
         # 1. The format message.
         first = await ws.receive()
@@ -65,10 +68,25 @@ async def ws_audio(ws: WebSocket, sid: str):
         rs_state = resampler.new_state() if resampler else None
         await ws.send_json({"type": "ready"})
 
-        # 2. Binary frames of samples, and {"type": "end"} at the end of each utterance.
+        async def end_utterance() -> None:
+            """The resampler's tail, then ``end_utterance`` (flushed): the partial block is generated now.
+            The resampler starts afresh for the socket's next utterance."""
+            nonlocal rs_state
+            if resampler is not None:
+                tail = resampler.flush(rs_state).astype(np.float32)
+                rs_state = resampler.new_state()
+                if len(tail):
+                    await bus.push_pcm(st, sid, tenant_id, tail)
+            await bus.send_event(st, sid, tenant_id, "end_utterance")
+
+        # 2. Binary frames of samples, and {"type": "end"} at the end of each utterance. A socket that
+        # closes in the middle of an utterance ends it too: no more of its audio can come on this socket,
+        # and its last partial block must not wait for audio that never comes.
         while True:
             msg = await ws.receive()
             if msg["type"] == "websocket.disconnect":
+                if open_utterance:
+                    await _quietly(end_utterance())
                 return
             if msg.get("bytes") is not None:
                 try:
@@ -81,6 +99,7 @@ async def ws_audio(ws: WebSocket, sid: str):
                     pcm = resampler.push(rs_state, pcm.astype(np.float64)).astype(np.float32)
                 try:
                     await bus.push_pcm(st, sid, tenant_id, pcm)
+                    open_utterance = open_utterance or len(pcm) > 0
                 except HTTPException as exc:
                     await ws.send_json({"type": "error", "status": exc.status_code, "message": exc.detail})
                     if exc.status_code == 429:
@@ -93,11 +112,18 @@ async def ws_audio(ws: WebSocket, sid: str):
                 except ValidationError:
                     await ws.send_json({"type": "error", "status": 400, "message": "unknown control message"})
                     continue
-                if resampler is not None:
-                    tail = resampler.flush(rs_state).astype(np.float32)
-                    if len(tail):
-                        await bus.push_pcm(st, sid, tenant_id, tail)
-                await bus.send_event(st, sid, tenant_id, "end_utterance")
+                open_utterance = False
+                await end_utterance()            # on the bus before the client is told (it may be gone)
                 await ws.send_json({"type": "utterance_end"})
     except WebSocketDisconnect:
+        if open_utterance:
+            await _quietly(end_utterance())
         return
+
+
+async def _quietly(step) -> None:
+    """Run a step for a client that is gone: a refusal (e.g. 429) has nobody to go to."""
+    try:
+        await step
+    except HTTPException as exc:
+        log.info("audio socket closed: end of utterance refused", status=exc.status_code, detail=exc.detail)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import uuid
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
@@ -126,7 +125,5 @@ async def interrupt(sid: str, st: StateDep, tenant: TenantDep):
 @router.post("/v1/sessions/{sid}/keepalive", response_model=KeptAlive)
 async def keepalive(sid: str, st: StateDep, tenant: TenantDep):
     require_active(await session_of(st, sid, tenant))
-    rt = st.runtimes.get(sid)
-    if rt is not None:
-        rt.last_activity = time.monotonic()
+    await bus.keep_alive(st, sid)
     return KeptAlive()

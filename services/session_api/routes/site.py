@@ -38,7 +38,7 @@ async def readyz(st: StateDep):
 
 @router.get("/metrics")
 async def metrics(st: StateDep):
-    SESSIONS.labels("session-api").set(sum(1 for r in st.runtimes.values() if not r.ended))
+    SESSIONS.labels("session-api").set(len(st.tickers))          # sessions whose timers run here
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -1,7 +1,10 @@
-"""The tenant's own view: seconds generated today against its quotas. (Tenants and keys are created by
-operators with ``liveavatar tenants create``; the API has no admin routes.)"""
+"""The tenant's own view, for metering: seconds and blocks generated today (UTC) against its quotas.
+(Tenants and keys are created by operators with ``liveavatar tenants create``; the API has no admin
+routes.)"""
 
 from __future__ import annotations
+
+import time
 
 from fastapi import APIRouter
 
@@ -13,7 +16,9 @@ router = APIRouter(tags=["tenant"])
 
 
 def _usage(st, tenant) -> UsageOut:
-    return UsageOut(tenant=tenant.tenant_id, seconds_generated_today=st.store.get_usage(tenant.tenant_id),
+    day = time.strftime("%Y%m%d", time.gmtime())
+    return UsageOut(tenant=tenant.tenant_id, day=day, seconds_generated_today=st.store.get_usage(tenant.tenant_id, day),
+                    blocks_generated_today=st.store.get_usage_blocks(tenant.tenant_id, day),
                     minutes_per_day=tenant.minutes_per_day, active_sessions=active_sessions(st.store, tenant.tenant_id),
                     max_sessions=tenant.max_sessions)
 

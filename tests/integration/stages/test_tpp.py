@@ -1,4 +1,5 @@
-"""The TPP lane: 5 real processes over gloo equal the sequential runner; failures are named and bounded."""
+"""The TPP lane: real processes over gloo equal the sequential runner in every lane shape; failures are
+named and bounded."""
 
 from __future__ import annotations
 
@@ -100,11 +101,46 @@ def test_tpp_equals_sequential_bit_for_bit_across_sessions_and_live_feed(inputs,
     assert [len(got) for got in tpp] == [10, 7, 6]
 
 
-@pytest.mark.parametrize("victim,how", [(2, "kill"), (1, "stop"), (4, "kill")])
-def test_a_dead_or_hung_stage_ends_the_run_with_its_name(inputs, victim, how):
+#: Every other shape of the 4-step model (4+1, the default, is the longer test above).
+SHAPES = ["4", "2+1", "2", "1+1", "1"]
+
+
+@pytest.fixture(scope="module")
+def shape_sessions(inputs, sequential_models):
+    """Two sessions for every shape: 6 blocks (the 4-block KV ring wraps at block 4, where the sink is
+    re-anchored), then a switch to a second session fed live in 0.1 s chunks; and the sequential result."""
+    torch.set_num_threads(1)
     image, pcm = inputs
-    names = {1: "denoise-1", 2: "denoise-2", 4: "decode"}
-    lane = TPPLane(CFG, timeout_s=6, heartbeat_s=0.5)
+    sessions = [(SessionSpec(image, "a baker", seed=5), pcm[:7680 * 6], False),
+                (SessionSpec(image[::-1].copy(), "", seed=6), pcm[7680 * 3:7680 * 5 + 500], True)]
+    with SequentialRunner(sequential_models, package=False) as runner:
+        want = _run_sessions(runner, [(spec, audio, False) for spec, audio, _ in sessions])
+    assert [len(w) for w in want] == [6, 3]
+    return sessions, want
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_lane_shape_equals_sequential_bit_for_bit(shape, shape_sessions):
+    torch.set_num_threads(1)
+    sessions, want = shape_sessions
+    with TPPLane(CFG, timeout_s=30, shape=shape, package=False) as lane:
+        assert len(lane.procs) == {"4": 4, "2+1": 3, "2": 2, "1+1": 2, "1": 1}[shape]
+        got = _run_sessions(lane, sessions)
+        pids = [p.pid for p in lane.procs]
+    assert _pids_gone(pids)
+    for g, w in zip(got, want, strict=True):
+        assert [r.block_index for r in g] == list(range(len(w)))
+        for a, b in zip(g, w):
+            assert torch.equal(a.latent, b.latent), f"{shape}: block {a.block_index} differs"
+            assert (a.frames.int() - b.frames.int()).abs().max() <= 1     # see the test above
+
+
+@pytest.mark.parametrize("victim,how,shape", [(2, "kill", "4+1"), (1, "stop", "4+1"), (4, "kill", "4+1"),
+                                              (1, "kill", "2")])
+def test_a_dead_or_hung_stage_ends_the_run_with_its_name(inputs, victim, how, shape):
+    image, pcm = inputs
+    names = {"4+1": {1: "denoise-1", 2: "denoise-2", 4: "decode"}, "2": {1: "denoise-2-3+decode"}}[shape]
+    lane = TPPLane(CFG, timeout_s=6, heartbeat_s=0.5, shape=shape)
     lane.start()
     pids = [p.pid for p in lane.procs]
     try:

@@ -8,28 +8,19 @@ file, made strict the same way (unknown fields rejected).
 
 from __future__ import annotations
 
-import copy
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[3]
-CHART = REPO / "charts" / "liveavatar"
-CRD_DIR = Path(__file__).resolve().parent / "crds"
-RELEASE = "liveavatar"
-NAMESPACE = "liveavatar"
+from infra import chart_render
+from infra.chart_render import CHART, NAMESPACE, RELEASE, REPO, SCENARIOS, deep_merge, merged_values, scenario_values
 
-#: Scenario name -> values file relative to the chart (None: values.yaml alone).
-SCENARIOS: dict[str, str | None] = {
-    "default": None,
-    "tiny-cpu": "ci/tiny-cpu-values.yaml",
-    "two-tenants": "ci/two-tenants-values.yaml",
-    "external-tls": "ci/external-tls-values.yaml",
-}
+__all__ = ["CHART", "NAMESPACE", "RELEASE", "REPO", "SCENARIOS", "deep_merge", "merged_values", "scenario_values"]
+
+CRD_DIR = Path(__file__).resolve().parent / "crds"
 GPU_SCENARIOS = ("default", "two-tenants", "external-tls")
 
 #: The Kubernetes version rendered objects are validated against (the chart's floor is 1.29).
@@ -38,14 +29,10 @@ LINT_KUBE_VERSION = "v1.34.0"
 
 def helm():
     """The helm_python module, or a skip when the SDK (or its native library) cannot run here."""
-    mod = pytest.importorskip(
-        "helm_python", reason="helm-python-sdk is not installed: `pip install helm-python-sdk` to render the chart"
-    )
     try:
-        mod.helm_sdk_version()
-    except Exception as exc:  # pragma: no cover - depends on the platform
-        pytest.skip(f"helm-python-sdk cannot load its native Helm library here: {exc}")
-    return mod
+        return chart_render.helm_module()
+    except chart_render.HelmUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 def kv():
@@ -60,59 +47,21 @@ def newest_kube_version() -> str:
     return kv().utils.latest_version()
 
 
-def scenario_values(scenario: str) -> dict[str, Any]:
-    """The user values of a scenario (empty for the default: values.yaml alone)."""
-    rel = SCENARIOS[scenario]
-    if rel is None:
-        return {}
-    return yaml.safe_load((CHART / rel).read_text()) or {}
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """Helm-style merge of values: maps merge recursively, everything else is replaced."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _chart():
-    return helm().Chart.load(str(CHART))
-
-
-@functools.lru_cache(maxsize=64)
-def _render_cached(values_json: str) -> tuple[tuple[str, str], ...]:
-    out = _chart().render(values=json.loads(values_json), name=RELEASE, namespace=NAMESPACE)
-    return tuple(sorted(out.items()))
-
-
 def render_files(values: dict[str, Any] | None = None) -> dict[str, str]:
-    """Template path -> rendered text, for ``values`` over the chart defaults."""
-    return dict(_render_cached(json.dumps(values or {}, sort_keys=True)))
+    """Template path -> rendered text, for ``values`` over the chart defaults (infra/chart_render.py)."""
+    helm()
+    return chart_render.render_files(values)
 
 
 def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The rendered Kubernetes objects (NOTES.txt and empty documents left out)."""
-    docs = []
-    for path, text in render_files(values).items():
-        if not path.endswith((".yaml", ".yml")):
-            continue
-        docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
+    helm()
+    return chart_render.render(values)
 
 
 def render_scenario(scenario: str, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The objects rendered for a scenario, optionally with extra values on top."""
     return render(deep_merge(scenario_values(scenario), extra or {}))
-
-
-def merged_values(scenario: str) -> dict[str, Any]:
-    """values.yaml with the scenario's values on top (what the templates see)."""
-    return deep_merge(yaml.safe_load((CHART / "values.yaml").read_text()), scenario_values(scenario))
 
 
 # ---------------------------------------------------------------------------------------------- objects

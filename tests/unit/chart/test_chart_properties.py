@@ -16,7 +16,7 @@ from tests.unit.chart import chartlib as cl
 pytestmark = pytest.mark.unit
 
 ALL = list(cl.SCENARIOS)
-SERVICES = ("session-api", "audio-encoder", "stream-packager", "lane-controller")
+SERVICES = ("session-api", "audio-encoder", "stream-packager", "webhooks", "lane-controller")
 CONTRACT_CONFIG = {
     "LIVEAVATAR_KAFKA_BOOTSTRAP", "LIVEAVATAR_KAFKA_SECURITY_PROTOCOL", "LIVEAVATAR_JSON_LOGS", "LIVEAVATAR_LOG_LEVEL",
 }
@@ -74,21 +74,31 @@ def test_tiny_cpu_profile_requests_no_gpu_and_runs_on_cpu():
 
 
 @pytest.mark.parametrize("scenario", ALL)
-def test_lws_group_size_is_stages_plus_one(scenario):
-    stages = cl.merged_values(scenario)["lanes"]["stages"]
+def test_lws_group_size_is_the_lane_shapes_rank_count(scenario):
+    from services.lane.worker import LaneSettings
+
+    shape = str(cl.merged_values(scenario)["lanes"]["shape"])
     for lws in _lws(cl.render_scenario(scenario)):
         lwt = lws["spec"]["leaderWorkerTemplate"]
-        assert lwt["size"] == stages + 1
+        assert lwt["size"] == {"4+1": 5, "4": 4, "2+1": 3, "2": 2, "1+1": 2, "1": 1}[shape]
         assert lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
         for role in ("leaderTemplate", "workerTemplate"):
             env = cl.env_of(lwt[role]["spec"]["containers"][0])
-            assert env["LIVEAVATAR_LANE_STAGES"]["value"] == str(stages)
+            assert env["LIVEAVATAR_LANE_SHAPE"]["value"] == shape
+            # the lane service accepts the group size LWS will inject for that shape
+            LaneSettings(lane_shape=shape, dist_world_size=lwt["size"], dist_rank=lwt["size"] - 1)
 
 
-def test_lws_group_size_follows_the_stages_value():
-    for stages in (1, 2, 6):
-        (lws,) = _lws(cl.render_scenario("tiny-cpu", {"lanes": {"stages": stages}}))
-        assert lws["spec"]["leaderWorkerTemplate"]["size"] == stages + 1
+@pytest.mark.parametrize("shape,size", [("4+1", 5), ("4", 4), ("2+1", 3), ("2", 2), ("1+1", 2), ("1", 1)])
+def test_lws_group_size_follows_the_shape_value_with_one_gpu_per_pod(shape, size):
+    value = int(shape) if shape.isdigit() else shape          # `shape: 2` unquoted in YAML is an integer
+    (lws,) = _lws(cl.render_scenario("tiny-cpu", {"lanes": {"shape": value}, "gpu": {"enabled": True}}))
+    lwt = lws["spec"]["leaderWorkerTemplate"]
+    assert lwt["size"] == size
+    for role in ("leaderTemplate", "workerTemplate"):
+        (container,) = lwt[role]["spec"]["containers"]
+        assert cl.env_of(container)["LIVEAVATAR_LANE_SHAPE"]["value"] == shape
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
 def test_two_tenants_render_two_lane_pools_of_three_lanes():
@@ -360,7 +370,7 @@ def test_strimzi_topics_follow_the_topic_values():
     kts = {k["spec"]["topicName"]: k for k in cl.of_kind(docs, "KafkaTopic")}
     assert set(kts) == {t["name"] for t in topics["items"].values()}
     assert {t["name"]: t["partitions"] for t in topics["items"].values()} == {
-        "audio": 16, "audio-features": 16, "frames": 16, "media": 16}
+        "audio": 16, "audio-features": 16, "frames": 16, "media": 16, "events": 16}
     for t in topics["items"].values():
         kt = kts[t["name"]]
         assert kt["spec"]["partitions"] == t["partitions"]

@@ -119,8 +119,9 @@ def test_every_leaf_is_documented_with_a_param_line():
     [
         ({"sessionApi": {"replicaCount": "two"}}, "replicaCount"),
         ({"sessionApi": {"replicas": 3}}, "replicas"),
-        ({"lanes": {"stagess": 4}}, "stagess"),
-        ({"lanes": {"stages": 0}}, "stages"),
+        ({"lanes": {"stages": 4}}, "stages"),
+        ({"lanes": {"shape": "3+1"}}, "shape"),
+        ({"lanes": {"shape": 3}}, "shape"),
         ({"gpu": {"enabled": "yes"}}, "enabled"),
         ({"kafka": {"securityProtocol": "TLS"}}, "securityProtocol"),
         ({"lanePools": [{"name": "a", "min": 1, "max": 2}]}, "tenant"),

@@ -24,6 +24,7 @@ SERVICES = {
     "liveavatar/audio-encoder": ("audio_encoder", "services.audio_encoder", "audioEncoder"),
     "liveavatar/stream-packager": ("stream_packager", "services.stream_packager", "streamPackager"),
     "liveavatar/lane-controller": ("lane_controller", "services.lane_controller", "laneController"),
+    "liveavatar/webhooks": ("webhooks", "services.webhooks", "webhooks"),
     "liveavatar/lane": ("lane", "services.lane", "lanes"),
 }
 
@@ -86,7 +87,7 @@ def test_cpu_tiny_builds_the_lane_on_the_cpu_base_and_skips_cuda():
     gpu = {a["image"]: a for a in _profile("gpu")["build"]["artifacts"]}
     tiny = {a["image"]: a for a in _profile("cpu-tiny")["build"]["artifacts"]}
     assert gpu["liveavatar/lane"]["requires"][0]["image"] == "liveavatar/cuda-base"
-    assert tiny["liveavatar/lane"]["requires"][0]["image"] == "liveavatar/python-base"
+    assert tiny["liveavatar/lane"]["requires"][0]["image"] == "liveavatar/python-torch-base"
     assert "liveavatar/cuda-base" not in tiny
     assert set(tiny) == set(gpu) - {"liveavatar/cuda-base"}
 
@@ -170,3 +171,41 @@ def test_dockerignore_keeps_sources_and_drops_weights_and_local_state():
     for dropped in (".venv/bin/python", ".git/HEAD", "tests/unit/test_x.py", "charts/liveavatar/values.yaml",
                     "models/weights/Wan2.1_VAE.pth", "models/__pycache__/dit.cpython-311.pyc", ".run/redis.log"):
         assert _ignored(dropped, rules), dropped
+
+
+#: Images that must carry no torch: they build on the python-base target without the model extra.
+TORCH_FREE = ("liveavatar/session-api", "liveavatar/stream-packager", "liveavatar/lane-controller",
+              "liveavatar/webhooks")
+
+
+@pytest.mark.parametrize("profile", [None, "cpu-tiny"])
+def test_torch_free_images_build_on_the_serve_target_and_the_lane_on_torch(profile):
+    import tomllib
+
+    from infra.docker.requirements import requirements
+
+    artifacts = {a["image"]: a for a in _profile(profile)["build"]["artifacts"]}
+    base = _dockerfile("infra/docker/python-base.Dockerfile")
+    targets = {alias: src for src, alias in re.findall(r"^FROM (\S+) AS (\S+)$", base, re.M)}
+    assert artifacts["liveavatar/python-base"]["docker"]["target"] == "serve"
+    assert artifacts["liveavatar/python-torch-base"]["docker"]["target"] == "model"
+    for image in TORCH_FREE:
+        if image in artifacts:
+            assert [r["image"] for r in artifacts[image]["requires"]] == ["liveavatar/python-base"], image
+    assert artifacts["liveavatar/audio-encoder"]["requires"][0]["image"] == "liveavatar/python-torch-base"
+    # serve <- build-serve <- deps-serve, whose extras hold no torch; model <- build-model <- deps-model (torch).
+    serve = base.split("AS serve")[1].split("FROM ")[0]
+    assert re.findall(r"^COPY --from=(\S+)", serve, re.M) == ["deps-serve", "build-serve"]
+    assert targets["build-serve"] == "deps-serve" and targets["build-model"] == "deps-model"
+    serve_extras = re.search(r"requirements\.py (\S+) > ", base.split("AS deps-serve")[1]).group(1).split(",")
+    pyproject = tomllib.loads((cl.REPO / "pyproject.toml").read_text())
+    assert not [r for r in requirements(pyproject, serve_extras) if re.match(r"torch\b", r)]
+    assert [r for r in requirements(pyproject, ["model"]) if re.match(r"torch\b", r)] == ["torch==2.13.0"]
+
+
+def test_dockerignore_lets_in_the_examples_the_session_api_serves():
+    rules = [ln.strip() for ln in (cl.REPO / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    for kept in ("examples/cyclops_baker.wav", "examples/faces/face_812.png", "infra/docker/requirements.py"):
+        assert not _ignored(kept, rules), kept
+    assert "COPY examples " in _dockerfile("services/session_api/Dockerfile")

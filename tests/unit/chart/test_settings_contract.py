@@ -23,6 +23,7 @@ SETTINGS = {
     "audio-encoder": ("services.audio_encoder.worker", "AudioEncoderSettings"),
     "lane": ("services.lane.worker", "LaneSettings"),
     "stream-packager": ("services.stream_packager.worker", "PackagerSettings"),
+    "webhooks": ("services.webhooks.settings", "WebhookSettings"),
     "lane-controller": ("services.lane_controller.settings", "LaneControllerSettings"),
 }
 
@@ -32,11 +33,12 @@ MUST_SET = {
           "LIVEAVATAR_JSON_LOGS", "LIVEAVATAR_LOG_LEVEL"},
     "session-api": {"LIVEAVATAR_API_HOST"},
     "audio-encoder": {"LIVEAVATAR_HEALTH_HOST", "LIVEAVATAR_MODEL_CONFIG"},
-    "lane": {"LIVEAVATAR_HEALTH_HOST", "LIVEAVATAR_MODEL_CONFIG", "LIVEAVATAR_DEVICE", "LIVEAVATAR_LANE_STAGES",
+    "lane": {"LIVEAVATAR_HEALTH_HOST", "LIVEAVATAR_MODEL_CONFIG", "LIVEAVATAR_DEVICE", "LIVEAVATAR_LANE_SHAPE",
              "LIVEAVATAR_LANE_POOL", "LIVEAVATAR_DIST_RANK", "LIVEAVATAR_DIST_WORLD_SIZE",
              "LIVEAVATAR_DIST_MASTER_ADDR", "LIVEAVATAR_DIST_MASTER_PORT", "LIVEAVATAR_LANE_GROUP_INDEX",
              "LIVEAVATAR_LANE_ID_PREFIX", "LIVEAVATAR_LANE_PARTITION_BASE", "LIVEAVATAR_HEALTH_PORT_BY_RANK"},
     "stream-packager": {"LIVEAVATAR_HEALTH_HOST"},
+    "webhooks": {"LIVEAVATAR_HEALTH_HOST"},
     "lane-controller": {"LIVEAVATAR_HEALTH_HOST"},
 }
 

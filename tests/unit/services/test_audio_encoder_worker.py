@@ -28,8 +28,11 @@ class FakeStore:
         self.reset()
 
     def reset(self):
-        # the session already holds a lane (partition 3) and has sent nothing yet
-        self.cursors: dict[str, dict[str, bytes]] = {SID: {"lane_partition": str(PARTITION).encode()}}
+        # the session already holds a lane (partition 3), the lane has its start marker, no block sent yet
+        self.cursors: dict[str, dict[str, bytes]] = {SID: {"lane_partition": str(PARTITION).encode(),
+                                                           "lane_started": b"1"}}
+        self.free = True        # False: no lane is free (the session waits); the default session holds one
+        self.claimed = True
 
     def get_cursor(self, session_id):
         return dict(self.cursors.get(session_id, {}))
@@ -39,13 +42,28 @@ class FakeStore:
         cur.update({k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()})
 
     def get_session(self, session_id, tenant=None):
-        return _Record(LANE, "active")
+        return _Record(LANE, "active") if self.claimed else _Record("", "waiting")
 
     def lane_session(self, lane_id):
-        return SID if lane_id == LANE else ""
+        return SID if lane_id == LANE and self.claimed else ""
+
+    def claim_lane(self, session_id, pool=""):
+        if not self.free:
+            return None
+        self.claimed = True
+        return LANE
+
+    def get_lane(self, lane_id):
+        return {"partition": str(PARTITION)}
+
+    def get_sink(self, session_id):
+        return object()         # the sink is already encoded: a re-read start does not encode it again
 
     def update_session(self, session_id, **fields):
         pass
+
+    def mark_utterance_end(self, session_id, seq, last_block):
+        self.utterance_ends = [*getattr(self, "utterance_ends", []), (session_id, seq, last_block)]
 
 
 class _Record:
@@ -214,3 +232,48 @@ def test_end_of_utterance_and_interrupt_match_separate_stage_streams(worker):
     pcms = [t["pcm"] for h, t in sent if h.kind == "block"]
     want_pcm = _padded_blocks(first, n) + _padded_blocks(kept_second, n) + _padded_blocks(third, n)
     assert all(np.array_equal(a, b) for a, b in zip(pcms, want_pcm, strict=True))
+
+
+def _record_of(worker, offset: int, raw: bytes):
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    return ConsumerRecord("audio", 0, 0, offset, 0, 0, SID.encode(), raw, None, None, len(SID), len(raw), -1)
+
+
+def test_a_session_waiting_for_a_lane_is_never_committed_past_and_survives_a_restart(worker):
+    from kafka import TopicPartition
+
+    store, n = worker.store, worker.block_samples
+    store.cursors, store.free, store.claimed = {}, False, False          # a new session; every lane is busy
+    pcm = _speech_like(2 * n + 700, seed=6)
+    chunks = _chunks(pcm, [1600] * (len(pcm) // 1600) + [len(pcm) % 1600])
+    events = [_event(0, "start")] + [_event(seq, "pcm", c) for seq, c in enumerate(chunks, 1)]
+    first = 40                                                            # the start's offset on the partition
+    for i, raw in enumerate(events):
+        worker._handle_record(_record_of(worker, first + i, raw))
+    worker._retry_waiting()
+    assert worker.producer.sent == []                                     # nothing can go anywhere yet
+    assert worker.held() == {TopicPartition("audio", 0): first}           # committing past it would lose them
+    # restart: memory lost; the broker re-delivers from the held offset
+    worker.sessions.clear()
+    for i, raw in enumerate(events):
+        worker._handle_record(_record_of(worker, first + i, raw))
+    assert worker.held() == {TopicPartition("audio", 0): first}
+    store.free = True                                                     # a lane frees up
+    worker._retry_waiting()
+    assert worker.held() == {}
+    worker._handle_raw(_event(len(events), "end"))
+    sent = _sent(worker)
+    assert [h.kind for h, _ in sent] == ["start"] + ["block"] * 3 + ["end"]
+    got = [t["features"] for h, t in sent if h.kind == "block"]
+    for a, b in zip(got, _stage_blocks(worker, [pcm]), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_a_lane_claimed_but_not_told_gets_its_start_marker_after_a_restart(worker):
+    del worker.store.cursors[SID]["lane_started"]         # died between claiming the lane and the marker
+    worker._handle_raw(_event(1, "pcm", _speech_like(1600, seed=7)))
+    sent = _sent(worker)
+    assert [h.kind for h, _ in sent] == ["start"] and worker.store.get_cursor(SID)["lane_started"] == b"1"
+    worker._handle_raw(_event(2, "pcm", _speech_like(1600, seed=8)))
+    assert len(_sent(worker)) == 1                        # once

@@ -50,7 +50,8 @@ class FakeRedis:
 
     def __init__(self):
         self.kv: dict[str, object] = {}
-        self.lock = threading.Lock()
+        self.ttl: dict[str, float] = {}          # key -> monotonic expiry (SET ... PX only)
+        self.lock = threading.RLock()
 
     def __getattr__(self, name):
         raise AttributeError(f"FakeRedis has no {name!r}: the API uses a command the test does not know")
@@ -60,11 +61,70 @@ class FakeRedis:
 
     def get(self, k):
         _off_loop("redis.get")
+        expires = self.ttl.get(k)
+        if expires is not None and expires <= time.monotonic():
+            return None
         return self.kv.get(k)
 
-    def set(self, k, v, ex=None):
+    def set(self, k, v, ex=None, px=None, nx=False):
         _off_loop("redis.set")
-        self.kv[k] = self._b(v)
+        with self.lock:
+            expires = self.ttl.get(k)
+            if nx and k in self.kv and not (expires is not None and expires <= time.monotonic()):
+                return None
+            self.kv[k] = self._b(v)
+            if px is not None:
+                self.ttl[k] = time.monotonic() + px / 1000
+            return True
+
+    def delete(self, *keys):
+        _off_loop("redis.delete")
+        with self.lock:
+            for k in keys:
+                self.kv.pop(k, None)
+                self.ttl.pop(k, None)
+
+    def hsetnx(self, k, f, v):
+        _off_loop("redis.hsetnx")
+        with self.lock:
+            h = self.kv.setdefault(k, {})
+            if self._b(f) in h:
+                return 0
+            h[self._b(f)] = self._b(v)
+            return 1
+
+    def zadd(self, k, mapping):
+        _off_loop("redis.zadd")
+        with self.lock:
+            z = self.kv.setdefault(k, {})
+            for m, score in mapping.items():
+                z[self._b(m)] = float(score)
+
+    def zrem(self, k, *members):
+        _off_loop("redis.zrem")
+        with self.lock:
+            for m in members:
+                self.kv.get(k, {}).pop(self._b(m), None)
+
+    def zrangebyscore(self, k, lo, hi, start=None, num=None, withscores=False):
+        _off_loop("redis.zrangebyscore")
+        lo, hi = float(lo), float(hi)
+        with self.lock:
+            rows = sorted((sc, m) for m, sc in self.kv.get(k, {}).items() if lo <= sc <= hi)
+        rows = rows[start or 0:(start or 0) + num] if num is not None else rows
+        return [(m, sc) for sc, m in rows] if withscores else [m for _, m in rows]
+
+    def incrby(self, k, n):
+        _off_loop("redis.incrby")
+        with self.lock:
+            self.kv[k] = self._b(int(self.kv.get(k, b"0")) + n)
+            return int(self.kv[k])
+
+    def incrbyfloat(self, k, n):
+        _off_loop("redis.incrbyfloat")
+        with self.lock:
+            self.kv[k] = self._b(float(self.kv.get(k, b"0")) + n)
+            return float(self.kv[k])
 
     def hset(self, k, key=None, value=None, mapping=None):
         _off_loop("redis.hset")
@@ -146,9 +206,16 @@ class FakeProducer:
     def __init__(self):
         self.sent: list[AudioIn] = []
         self.flushes: list[int] = []        # len(sent) at each flush
+        self.events: list[dict] = []        # records of the events topic (JSON), in order
+        self.flushed_events = 0             # len(events) at the last flush
 
     def send(self, topic, key=None, value=None):
         _off_loop("producer.send")
+        if topic.endswith("events"):
+            rec = json.loads(value)
+            assert key == rec["event"]["session_id"].encode()
+            self.events.append(rec)
+            return
         msg = decode(value)
         assert key == msg.header.session_id.encode()
         self.sent.append(msg.header)
@@ -156,6 +223,7 @@ class FakeProducer:
     def flush(self):
         _off_loop("producer.flush")
         self.flushes.append(len(self.sent))
+        self.flushed_events = len(self.events)
 
     def close(self):
         pass
@@ -225,6 +293,26 @@ def test_audio_is_sent_in_order_and_flushed_per_utterance_not_per_chunk(api):
     assert h.store.cursor_int(sid, "accepted_samples") == frames * frame_samples
 
 
+def test_a_resampled_socket_carries_several_utterances(api):
+    """At 24 kHz the socket's resampler is flushed at each ``end`` and starts afresh for the next utterance."""
+    h, client = api
+    sid = _create(client)
+    rng = np.random.default_rng(1)
+    chunk = (rng.standard_normal(2400) * 3000).astype("<i2")        # 100 ms at 24 kHz
+    with client.websocket_connect(f"/v1/sessions/{sid}/audio?key={h.key}") as ws:
+        ws.send_text(json.dumps({"format": "pcm16", "sample_rate": 24000}))
+        assert ws.receive_json() == {"type": "ready"}
+        for _ in range(2):
+            for _ in range(5):
+                ws.send_bytes(chunk.tobytes())
+            ws.send_text(json.dumps({"type": "end"}))
+            assert ws.receive_json() == {"type": "utterance_end"}
+    kinds = [m.kind for m in h.producer.sent]
+    assert kinds.count("end_utterance") == 2
+    # each utterance's 0.5 s at 24 kHz arrives as 0.5 s at 16 kHz (the flushed tail included)
+    assert h.store.cursor_int(sid, "accepted_samples") == 2 * 8000
+
+
 def test_an_uploaded_utterance_is_chunked_in_order_then_ended_and_flushed_once(api, tmp_path):
     import wave
 
@@ -246,19 +334,93 @@ def test_an_uploaded_utterance_is_chunked_in_order_then_ended_and_flushed_once(a
     assert h.producer.flushes == [1, len(h.producer.sent)]
 
 
-def test_too_much_queued_audio_is_refused_with_429_and_nothing_is_sent(api):
+def test_audio_faster_than_real_time_is_refused_with_429_and_nothing_is_sent(api):
     h, client = api
     sid = _create(client)
     h.state.settings = ApiSettings(max_queued_audio_s=1.0)
-    h.store.set_cursor(sid, accepted_samples=16000 * 3)            # 3 s accepted, nothing generated
     before = len(h.producer.sent)
     with client.websocket_connect(f"/v1/sessions/{sid}/audio?key={h.key}") as ws:
         ws.send_text(json.dumps({"format": "f32", "sample_rate": 16000}))
         assert ws.receive_json()["type"] == "ready"
-        ws.send_bytes(np.zeros(1600, "<f4").tobytes())
+        ws.send_bytes(np.zeros(16000 * 5, "<f4").tobytes())       # 5 s at once: within the 1 s allowance, accepted
+        ws.send_bytes(np.zeros(1600, "<f4").tobytes())            # now ~4 s ahead of real time: refused
         err = ws.receive_json()
-    assert err["type"] == "error" and err["status"] == 429 and "queued" in err["message"]
-    assert len(h.producer.sent) == before
+    assert err["type"] == "error" and err["status"] == 429 and "ahead of real time" in err["message"]
+    kinds = [m.kind for m in h.producer.sent[before:]]
+    assert kinds[:25] == ["pcm"] * 25 and "pcm" not in kinds[25:]   # the 5 s went out (25 chunks), not the 0.1 s
+
+
+@pytest.fixture()
+def served():
+    """The app behind a real uvicorn server (TestClient cancels the app when its socket closes; uvicorn
+    does not, and that is what a client that closes at once meets)."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    h = Harness(max_queued_audio_s=1000.0)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(h.settings, connect=h.connect), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _, h.key = create_tenant(h.store, "unit", max_sessions=2)
+    base = f"127.0.0.1:{sock.getsockname()[1]}"
+    with httpx.Client(base_url=f"http://{base}", headers={"Authorization": f"Bearer {h.key}"}) as client:
+        yield h, client, base
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.mark.parametrize("send_end", [True, False])
+def test_an_utterance_is_ended_when_the_client_closes_right_after_its_audio(served, send_end):
+    from websockets.sync.client import connect
+
+    h, client, base = served
+    sid = _create(client)
+    pcm = (np.sin(np.arange(2400 * 7) / 5.0) * 9000).astype("<i2")       # 0.7 s at 24 kHz: resampled
+    with connect(f"ws://{base}/v1/sessions/{sid}/audio?key={h.key}") as ws:
+        ws.send(json.dumps({"format": "pcm16", "sample_rate": 24000}))
+        assert json.loads(ws.recv(timeout=10)) == {"type": "ready"}
+        for i in range(7):
+            ws.send(pcm[i * 2400:(i + 1) * 2400].tobytes())
+        if send_end:
+            ws.send(json.dumps({"type": "end"}))
+        # closed at once: utterance_end is never read
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "end_utterance" not in [m.kind for m in h.producer.sent]:
+        time.sleep(0.02)
+    time.sleep(0.2)                                                       # nothing else may follow
+    kinds = [m.kind for m in h.producer.sent]
+    assert kinds[0] == "start" and kinds[-1] == "end_utterance" and kinds.count("end_utterance") == 1, kinds
+    assert set(kinds[1:-1]) == {"pcm"}
+    # every sample made it, the resampler's tail included: 0.7 s at 16 kHz
+    assert abs(h.store.cursor_int(sid, "accepted_samples") - int(0.7 * 16000)) <= 2
+    assert h.producer.flushes[-1] == len(h.producer.sent)          # flushed after the end of utterance
+
+
+def test_a_pipeline_stall_does_not_refuse_real_time_audio_but_the_backlog_is_bounded(api):
+    h, client = api
+    sid = _create(client)
+    h.state.settings = ApiSettings(max_queued_audio_s=1.0, max_backlog_audio_s=5.0)
+    h.store.set_cursor(sid, accepted_samples=16000 * 4)            # 4 s accepted, nothing generated (a stall)
+    with client.websocket_connect(f"/v1/sessions/{sid}/audio?key={h.key}") as ws:
+        ws.send_text(json.dumps({"format": "f32", "sample_rate": 16000}))
+        assert ws.receive_json()["type"] == "ready"
+        ws.send_bytes(np.zeros(16000, "<f4").tobytes())           # on pace: accepted despite the 4 s backlog
+        ws.send_bytes(np.zeros(16000, "<f4").tobytes())           # (5 s backlog, not above the limit yet)
+        ws.send_text(json.dumps({"type": "end"}))
+        assert ws.receive_json() == {"type": "utterance_end"}
+        h.store.set_cursor(sid, pace_credit="1.0")                # the client kept real time meanwhile
+        ws.send_bytes(np.zeros(1600, "<f4").tobytes())            # backlog 6 s > 5 s: refused
+        err = ws.receive_json()
+    assert err["type"] == "error" and err["status"] == 429 and "not yet generated" in err["message"]
+    assert h.store.cursor_int(sid, "accepted_samples") == 16000 * 6
 
 
 def test_interrupt_and_delete_are_flushed_events_after_the_audio(api):
@@ -270,13 +432,16 @@ def test_interrupt_and_delete_are_flushed_events_after_the_audio(api):
     assert h.producer.sent[-1].kind == "end" and h.producer.flushes[-1] == len(h.producer.sent)
     assert client.get(f"/v1/sessions/{sid}").json()["state"] == "ending"
     assert client.post(f"/v1/sessions/{sid}/interrupt").status_code == 409
-    assert sid not in h.state.runtimes
+    assert h.store.r.hget(f"la:timer:{sid}", "end_reason") == b"deleted"
+    h.store.update_session(sid, state="active")                 # a second delete (any replica) sends no 2nd end
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+    assert [m.kind for m in h.producer.sent].count("end") == 1
 
 
 def test_http_and_websocket_media_serve_the_same_tracked_stream(api):
     h, client = api
     sid = _create(client)
-    rt = h.state.runtimes[sid]
+    rt = h.state.runtime(sid)
     pieces = [("init", -1, b"INIT"), ("fragment", 0, b"F0"), ("fragment", 1, b"F1"), ("fragment", 1, b"DUP"),
               ("fragment", 2, b"F2"), ("end", -1, b"TAIL")]
     for kind, block, data in pieces:
@@ -417,3 +582,96 @@ def test_the_page_defaults_to_a_synthetic_face_and_its_speech_and_warns_about_ph
     assert [s["value"] for s in default_speech] == [default["data-speech"]]
     note = re.search(r'<[^>]+id="model-note"[^>]*>(.*?)</', html, re.S).group(1)
     assert "synthetic 64x64 faces" in note and "blur" in note and "14B" in note
+
+
+# ---- lifecycle events, timers in Redis, usage ------------------------------------------------------------
+
+
+def _wait(pred, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_the_timer_owner_publishes_ready_then_ended_with_reason_duration_and_blocks(api):
+    h, client = api
+    sid = _create(client, {"idle": "pause", "idle_timeout_s": 0.4})
+    assert h.store.r.get(f"la:timerlease:{sid}") == h.state.replica.encode()     # leased to this replica
+    h.store.update_session(sid, state="active", lane="lane-0", width=64, height=64)
+    _wait(lambda: h.producer.events, what="session.ready")
+    ready = h.producer.events[0]
+    assert ready["tenant_id"] == "unit" and ready["event"]["type"] == "session.ready"
+    assert ready["event"]["data"] == {"lane": "lane-0", "width": 64, "height": 64}
+    assert h.producer.flushed_events >= 1                                          # flushed, not just handed over
+    _wait(lambda: client.get(f"/v1/sessions/{sid}").json()["state"] == "ending", what="the idle timeout")
+    h.store.set_cursor(sid, lane_block=9)                                         # the lane made 10 blocks
+    created = h.store.get_session(sid).created
+    h.store.update_session(sid, state="ended")
+    _wait(lambda: len(h.producer.events) == 2, what="session.ended")
+    ended = h.producer.events[1]["event"]
+    assert ended["type"] == "session.ended" and ended["session_id"] == sid
+    assert ended["data"]["reason"] == "idle_timeout" and ended["data"]["blocks"] == 10
+    assert ended["data"]["generated_s"] == pytest.approx(10 * 7680 / 16000)
+    assert 0.4 < ended["data"]["duration_s"] <= time.time() - created + 0.01
+    assert ended["id"] != ready["event"]["id"] and ended["id"].startswith("evt_")
+    _wait(lambda: sid not in h.state.tickers, what="the ticker to stop")
+    assert h.store.r.get(f"la:timerlease:{sid}") is None                          # lease given back
+    assert sid.encode() not in h.store.r.kv.get("la:timersessions", {})            # and forgotten
+    time.sleep(0.3)
+    assert len(h.producer.events) == 2                                              # each event once
+
+
+def test_a_failed_session_gets_session_failed_then_session_ended(api):
+    h, client = api
+    sid = _create(client)
+    h.store.update_session(sid, state="failed", error="the image has no face")
+    _wait(lambda: len(h.producer.events) == 2, what="failed + ended")
+    (failed, ended) = (r["event"] for r in h.producer.events)
+    assert failed["type"] == "session.failed" and failed["data"] == {"error": "the image has no face"}
+    assert ended["type"] == "session.ended" and ended["data"]["reason"] == "failed" and ended["data"]["blocks"] == 0
+
+
+def test_activity_is_kept_in_redis_so_any_replica_can_time_the_session(api):
+    h, client = api
+    sid = _create(client, {"idle": "pause", "idle_timeout_s": 600})
+    t0 = float(h.store.r.hget(f"la:timer:{sid}", "last_activity"))
+    time.sleep(0.02)
+    assert client.post(f"/v1/sessions/{sid}/keepalive").status_code == 200
+    assert float(h.store.r.hget(f"la:timer:{sid}", "last_activity")) > t0
+    h.store.r.hset(f"la:timer:{sid}", "last_activity", time.time() - 601)   # as if idle for 601 s (seen anywhere)
+    _wait(lambda: client.get(f"/v1/sessions/{sid}").json()["state"] == "ending", what="the idle timeout")
+    assert h.store.r.hget(f"la:timer:{sid}", "end_reason") == b"idle_timeout"
+
+
+def test_usage_reports_the_seconds_and_blocks_the_lanes_counted(api):
+    h, client = api
+    for seconds in (0.48, 0.48, 0.48):                 # what a lane's decoder records per block
+        h.store.add_usage("unit", seconds)
+    h.store.add_usage("someone-else", 0.48)
+    u = client.get("/v1/usage").json()
+    assert u["tenant"] == "unit" and u["day"] == time.strftime("%Y%m%d", time.gmtime())
+    assert u["blocks_generated_today"] == 3 and u["seconds_generated_today"] == pytest.approx(3 * 0.48)
+
+
+def test_media_of_an_ended_session_is_410_gone_unless_still_buffered(api):
+    from starlette.testclient import WebSocketDenialResponse
+
+    h, client = api
+    sid = _create(client)
+    h.store.update_session(sid, state="ended")
+    r = client.get(f"/v1/sessions/{sid}/media.mp4")
+    assert r.status_code == 410
+    assert r.json()["error"]["status"] == 410 and r.json()["error"]["code"] == "gone"
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        with client.websocket_connect(f"/v1/sessions/{sid}/media?key={h.key}"):
+            pass
+    assert denied.value.status_code == 410 and denied.value.json()["error"]["status"] == 410
+    # a session that ended a moment ago whose media is still buffered: served, resume works
+    h.media(sid, "init", -1, b"INIT")
+    h.media(sid, "fragment", 0, b"F0")
+    h.media(sid, "fragment", 1, b"F1")
+    h.media(sid, "end", -1, b"TAIL")
+    h.media(sid, "end", -1, b"")                        # a replayed end (restarted lane) keeps the tail
+    r = client.get(f"/v1/sessions/{sid}/media.mp4", params={"from_block": 1})
+    assert r.status_code == 200 and r.content == b"INIT" + b"F1" + b"TAIL"

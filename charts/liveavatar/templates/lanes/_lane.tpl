@@ -1,10 +1,25 @@
 {{/*
-Lane helpers. A lane is one TPP pipeline: `stages` denoising ranks + 1 VAE decoder rank, one
-LeaderWorkerSet group. LWS injects LWS_LEADER_ADDRESS, LWS_GROUP_SIZE and LWS_WORKER_INDEX at the head of
-each container's env, so later entries may reference them with $(VAR).
-Rank 0 (the leader) is denoise step 0 and the lane head; ranks 1..stages-1 denoise; rank == stages is
-the VAE decoder.
+Lane helpers. A lane is one TPP pipeline of shape `lanes.shape`: `D+1` is D denoising ranks (4/D sampling
+steps each) + 1 VAE decoder rank, `D` is D denoising ranks whose last one also decodes; one LeaderWorkerSet
+group, one pod (and GPU) per rank. LWS injects LWS_LEADER_ADDRESS, LWS_GROUP_SIZE and LWS_WORKER_INDEX at
+the head of each container's env, so later entries may reference them with $(VAR).
+Rank 0 (the leader) runs the first steps and is the lane head; the last rank decodes.
 */}}
+
+{{/* Denoising ranks of a lane: the D of lanes.shape. Args: the root context. */}}
+{{- define "liveavatar.lane.denoisers" -}}
+{{- $shape := toString .Values.lanes.shape -}}
+{{- if not (regexMatch "^(1|2|4)(\\+1)?$" $shape) -}}
+{{- fail (printf "lanes.shape %q: write D+1 or D with D in 1, 2, 4 (e.g. 4+1, 2+1, 2, 1)" $shape) -}}
+{{- end -}}
+{{- trimSuffix "+1" $shape -}}
+{{- end -}}
+
+{{/* Pods of one lane (the LeaderWorkerSet size): D, plus 1 when the decoder has its own. Args: the root context. */}}
+{{- define "liveavatar.lane.size" -}}
+{{- $d := int (include "liveavatar.lane.denoisers" .) -}}
+{{- ternary (add $d 1) $d (hasSuffix "+1" (toString .Values.lanes.shape)) -}}
+{{- end -}}
 
 {{/* LeaderWorkerSet name of a pool. Args: ctx, pool. */}}
 {{- define "liveavatar.lane.name" -}}
@@ -93,8 +108,8 @@ spec:
           value: {{ $ctx.Values.config.modelConfig | quote }}
         - name: LIVEAVATAR_LANE_POOL
           value: {{ $pool.name | quote }}
-        - name: LIVEAVATAR_LANE_STAGES
-          value: {{ $v.stages | quote }}
+        - name: LIVEAVATAR_LANE_SHAPE
+          value: {{ $v.shape | toString | quote }}
         - name: LIVEAVATAR_DEVICE
           value: {{ ternary "cuda" "cpu" $gpu.enabled | quote }}
         - name: LIVEAVATAR_DIST_MASTER_ADDR
