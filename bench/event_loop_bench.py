@@ -167,10 +167,12 @@ def main() -> int:
         out = asyncio.run(run(base, key, args.clients, args.seconds))
     finally:
         stack_cmd.down(run_dir)
+    out["goal_p99_ms"] = 50
+    out["goal_met"] = out["p99_ms"] < out["goal_p99_ms"]     # reported, not an exit status: a bench measures
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
-    return 0 if out["p99_ms"] < 50 else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _benchlib import cpu_seconds, load, write_marked_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -46,21 +47,12 @@ BLOCK_S = 0.48
 DOC_BEGIN, DOC_END = "<!-- lane-shapes-bench:begin -->", "<!-- lane-shapes-bench:end -->"
 
 
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
+def write_doc(path: Path, table: str) -> None:
+    write_marked_section(path, DOC_BEGIN, DOC_END, table, heading=None)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
+
+
 
 
 def stage_costs(repeats: int) -> dict:
@@ -169,13 +161,6 @@ def markdown(res: dict, argv: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, table: str) -> None:
-    text = path.read_text()
-    if DOC_BEGIN not in text or DOC_END not in text:
-        raise SystemExit(f"{path} has no {DOC_BEGIN} ... {DOC_END} section")
-    head, rest = text.split(DOC_BEGIN, 1)
-    _, tail = rest.split(DOC_END, 1)
-    path.write_text(f"{head}{DOC_BEGIN}\n{table}\n{DOC_END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:

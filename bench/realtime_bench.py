@@ -52,9 +52,14 @@ for p in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(p))
 
 import session_api_bench as sab  # noqa: E402 - stack helpers: tenants, CPU accounting, example speech, machine
+from _benchlib import write_marked_section  # noqa: E402
 
 GOALS = {"lag_p95_s": 1.5, "growth_s": 0.25, "first_fragment_s": 1.5}
 DOC_BEGIN, DOC_END = "<!-- realtime-bench:begin -->", "<!-- realtime-bench:end -->"
+
+
+def write_doc(path: Path, table: str) -> None:
+    write_marked_section(path, DOC_BEGIN, DOC_END, table, heading=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,13 +268,6 @@ def markdown(res: dict, argv: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, table: str) -> None:
-    text = path.read_text()
-    if DOC_BEGIN not in text or DOC_END not in text:
-        raise SystemExit(f"{path} has no {DOC_BEGIN} ... {DOC_END} section")
-    head, rest = text.split(DOC_BEGIN, 1)
-    _, tail = rest.split(DOC_END, 1)
-    path.write_text(f"{head}{DOC_BEGIN}\n{table}\n{DOC_END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:

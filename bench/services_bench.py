@@ -53,12 +53,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _benchlib import cpu_seconds, load, write_marked_section  # noqa: E402
+
 from services.common.examples import examples_dir  # noqa: E402
 
 EXAMPLES = examples_dir()
 BLOCK = 7680                     # samples of 16 kHz PCM per block (12 frames at 25 fps = 0.48 s)
 BLOCK_S = BLOCK / 16000
 DOC_BEGIN, DOC_END = "<!-- services-bench:begin -->", "<!-- services-bench:end -->"
+
+
+def write_doc(path: Path, table: str) -> None:
+    write_marked_section(path, DOC_BEGIN, DOC_END, table, heading='Benchmark results')
 REF_H, REF_W = 384, 704          # reference output size (area 720*400 rounded to multiples of 64)
 REF_LAYERS, REF_AUDIO_DIM = 25, 1024
 
@@ -71,8 +77,6 @@ class BenchError(RuntimeError):
 # Small helpers
 # ---------------------------------------------------------------------------------------------
 
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -94,17 +98,6 @@ def example_pcm(names: list[str], n_blocks: int) -> np.ndarray:
     return np.ascontiguousarray(pcm[:n_blocks * BLOCK], dtype=np.float32)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes so far (from /proc; a pid that is gone counts 0)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])           # utime, stime (fields 14 and 15 of stat)
-    return total / tick
 
 
 def per_block(times: list[float]) -> float:
@@ -711,15 +704,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, table: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    block = f"{DOC_BEGIN}\n{table}\n{DOC_END}"
-    if DOC_BEGIN in text and DOC_END in text:
-        head, rest = text.split(DOC_BEGIN, 1)
-        text = head + block + rest.split(DOC_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Measured results\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _benchlib import cpu_seconds, load, write_marked_section  # noqa: E402
+
 from services.common.examples import examples_dir  # noqa: E402
 
 EXAMPLES = examples_dir()
@@ -71,6 +73,10 @@ FRAMES_PER_BLOCK = 12
 CHUNK_S = 0.1                    # audio chunk the client sends
 REALTIME_TOLERANCE = 1.01
 DOC_BEGIN, DOC_END = "<!-- session-api-bench:begin -->", "<!-- session-api-bench:end -->"
+
+
+def write_doc(path: Path, table: str) -> None:
+    write_marked_section(path, DOC_BEGIN, DOC_END, table, heading='Measured results')
 
 
 class BenchError(RuntimeError):
@@ -89,22 +95,8 @@ def pct(xs: list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else None
 
 
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the given processes (those still alive), in seconds."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
 
 
 def stack_pids(run_dir: Path) -> dict[str, list[int]]:
@@ -444,15 +436,6 @@ def markdown(res: dict, argv: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, table: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    block = f"{DOC_BEGIN}\n{table}\n{DOC_END}"
-    if DOC_BEGIN in text and DOC_END in text:
-        head, rest = text.split(DOC_BEGIN, 1)
-        text = head + block + rest.split(DOC_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Benchmark results\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
