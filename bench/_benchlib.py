@@ -14,6 +14,15 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where it cannot be read)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time of these processes so far (from /proc; a pid that is gone counts 0)."""
     tick = os.sysconf("SC_CLK_TCK")

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _benchlib import cpu_seconds, load, write_marked_section  # noqa: E402
+from _benchlib import cpu_model, cpu_seconds, load, write_marked_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -179,12 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})   # lane processes inherit it
     import torch
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     res: dict = {"machine": {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "cpus": args.cpus,
                              "torch": torch.__version__, "python": platform.python_version(),
                              "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},

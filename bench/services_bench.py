@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _benchlib import cpu_seconds, load, write_marked_section  # noqa: E402
+from _benchlib import cpu_model, cpu_seconds, load, write_marked_section  # noqa: E402
 
 from services.common.examples import examples_dir  # noqa: E402
 
@@ -572,12 +572,7 @@ def realtime_feed(st: Stack, image: bytes, pcm: np.ndarray, kill_rank: int | Non
 # ---------------------------------------------------------------------------------------------
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 

@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _benchlib import cpu_seconds, load, write_marked_section  # noqa: E402
+from _benchlib import cpu_model, cpu_seconds, load, write_marked_section  # noqa: E402
 
 from services.common.examples import examples_dir  # noqa: E402
 
@@ -133,12 +133,7 @@ def example_pcm16(name: str, seconds: float) -> tuple[bytes, int]:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     mem_gib = None
     try:
         kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()

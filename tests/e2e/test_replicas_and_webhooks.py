@@ -9,14 +9,11 @@ webhooks dispatcher, each signed with the secret ``liveavatar tenants webhook`` 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -24,35 +21,9 @@ from liveavatar_client import LiveAvatar
 
 from infra.local.stack import free_port
 from services.common import events
+from tests.webhook_receiver import Receiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-class Receiver:
-    def __init__(self):
-        self.secret, self.got, self.lock = "", [], threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - stdlib API
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                ok = events.verify(outer.secret, self.headers.get(events.SIGNATURE_HEADER, ""), body)
-                with outer.lock:
-                    outer.got.append((ok, json.loads(body)))
-                self.send_response(204 if ok else 401)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hooks"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def of(self, sid: str, type_: str) -> list[dict]:
-        with self.lock:
-            return [e for ok, e in self.got if ok and e["session_id"] == sid and e["type"] == type_]
 
 
 def _wait(pred, timeout_s: float, what: str):
@@ -139,7 +110,7 @@ def test_a_killed_replica_s_sessions_live_on_and_end_on_time_with_signed_events(
     utt = _wait(lambda: receiver.of(idle.id, "utterance.ended"), 60, "utterance.ended")
     assert len({x["id"] for x in utt}) == 1 and 0 <= utt[0]["data"]["last_block"] < e["blocks"]
     with receiver.lock:
-        assert all(ok for ok, _ in receiver.got), "every delivery carries a valid signature"
+        assert all(d["verified"] for d in receiver.deliveries), "every delivery carries a valid signature"
     usage = httpx.get(f"{api_stack['base']}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
     assert usage["blocks_generated_today"] >= e["blocks"]
     assert usage["seconds_generated_today"] == pytest.approx(usage["blocks_generated_today"] * 0.48)
