@@ -4,7 +4,7 @@
 | ---------------- | ---------- | --------------- | -------------------------------- | ---------------------------------- |
 | audio            | session id | session API     | audio-encoder (group)            | session start, PCM chunks, end     |
 | audio-features   | session id | audio-encoder   | lane head k: partition k only    | per-block features + PCM, start/end|
-| frames           | session id | lane decoder    | stream-packager (group)          | decoded frames + PCM per block     |
+| frames           | session id | lane decoder    | stream-packager (group)          | H.264 access units + PCM per block |
 | media            | session id | stream-packager | session API (each replica)       | fMP4 init segment and fragments    |
 | events           | session id | session API,    | webhooks dispatcher (group)      | product events (JSON) for signed   |
 |                  |            | stream-packager |                                  | webhooks (docs/webhooks.md)        |
@@ -19,8 +19,16 @@ message it carries at the reference size (the area rule's largest frame, 448x640
 block; wav2vec2-large features), with
 headroom; ``tests/unit/test_topic_sizes.py`` builds those messages with the real encoders and checks
 that each fits, and that the clients' request and fetch limits (:data:`CLIENT_MAX_MESSAGE_BYTES`) hold
-the largest topic limit. ``frames`` is the big one: a block of raw RGB frames is 9.7 to 10.3 MB at
-the reference size, over Kafka's 1 MiB default, so that topic and the clients are sized for it.
+the largest topic limit.
+
+``frames`` carries each block already H.264-encoded by the lane's decode rank (a block of raw RGB
+frames would be 9.7 to 10.3 MB at the reference size). Its bound comes from the encoder settings the
+services use (``pipeline_stages.package_stage.lane_stream_config``: x264 ``veryfast``, CRF 23, no VBV,
+one IDR per block; CRF mode has no level bitrate cap, so the level gives no bound): the densest content
+for H.264 is uniform RGB noise, which measures 1.21 MB per block at 448x640 (1.16 MB at 704x384;
+realistic generated content is 30-60 kB). With a safety factor of 3 (:data:`FRAMES_SAFETY`) that is
+3.7 MB, under the 4 MiB limit; ``tests/unit/test_topic_sizes.py`` encodes the noise blocks and checks
+it. Not covered: a lower CRF than the services use (lossless x264 on noise needs 5.9 MB).
 """
 
 from __future__ import annotations
@@ -44,10 +52,12 @@ MiB = 1 << 20
 MAX_MESSAGE_BYTES = {
     AUDIO: 1 * MiB,            # 200 ms PCM chunks (12.8 kB) and session events
     AUDIO_FEATURES: 4 * MiB,   # one block's features [1, 25, 1024, 12] float32 (1.2 MB) + its PCM
-    FRAMES: 16 * MiB,          # one block of raw RGB frames [12, 448, 640, 3] (10.3 MB) + PCM
+    FRAMES: 4 * MiB,           # one block of H.264 (noise, the worst case: 1.21 MB) x FRAMES_SAFETY + PCM
     MEDIA: 8 * MiB,            # one fMP4 fragment: H.264 never needs more than raw YUV 4:2:0 (5.2 MB)
     EVENTS: 1 * MiB,           # one product event: small JSON (services.common.events caps it at 64 KiB)
 }
+#: How many times the largest measured ``frames`` message (a block of noise) its limit must hold.
+FRAMES_SAFETY = 3
 #: Producer ``max_request_size`` and consumer ``max_partition_fetch_bytes``: the largest topic limit.
 CLIENT_MAX_MESSAGE_BYTES = max(MAX_MESSAGE_BYTES.values())
 

@@ -23,7 +23,9 @@ Layout written here (ISO/IEC 14496-12 box names, ISO/IEC 14496-15 for ``avcC``, 
 This module knows nothing about encoders: it takes sample bytes (H.264 in AVCC form: each NAL unit
 prefixed by its 4-byte big-endian length; AAC as raw access units) and integer timestamps. The
 ``annexb_*`` helpers convert an encoder's Annex-B byte stream (NAL units separated by start codes)
-into that form.
+into that form; :func:`avcc_nal_units` checks and splits an AVCC access unit that arrived from elsewhere
+(the lane's decode rank encodes, the packager muxes), and :func:`sps_dimensions` reads the picture size
+from a sequence parameter set, so an init segment can be built from the codec configuration alone.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ _UNITY_MATRIX = struct.pack(">9i", 0x00010000, 0, 0, 0, 0x00010000, 0, 0, 0, 0x4
 _LANGUAGE_UND = ((ord("u") - 0x60) << 10) | ((ord("n") - 0x60) << 5) | (ord("d") - 0x60)
 
 # H.264 NAL unit types (ITU-T H.264 table 7-1) that this writer handles specially.
+NAL_SLICE = 1
+NAL_IDR = 5
+NAL_SEI = 6
 NAL_SPS = 7
 NAL_PPS = 8
 NAL_AUD = 9
@@ -174,13 +179,18 @@ def parameter_sets(extradata: bytes) -> tuple[bytes, bytes]:
     if extradata[0] == 1:  # already an AVCDecoderConfigurationRecord
         pos = 5
         nals: list[bytes] = []
-        for count_mask in (0x1F, 0xFF):  # SPS count has 3 reserved bits, PPS count does not
-            count = extradata[pos] & count_mask
-            pos += 1
-            for _ in range(count):
-                (length,) = struct.unpack_from(">H", extradata, pos)
-                nals.append(extradata[pos + 2 : pos + 2 + length])
-                pos += 2 + length
+        try:
+            for count_mask in (0x1F, 0xFF):  # SPS count has 3 reserved bits, PPS count does not
+                count = extradata[pos] & count_mask
+                pos += 1
+                for _ in range(count):
+                    (length,) = struct.unpack_from(">H", extradata, pos)
+                    nals.append(extradata[pos + 2 : pos + 2 + length])
+                    pos += 2 + length
+        except (IndexError, struct.error) as exc:
+            raise Fmp4Error("truncated AVCDecoderConfigurationRecord") from exc
+        if pos > len(extradata) or not all(nals):
+            raise Fmp4Error("truncated AVCDecoderConfigurationRecord")
     else:
         nals = split_annexb(extradata)
     sps = [nal for nal in nals if nal_type(nal) == NAL_SPS]
@@ -190,14 +200,123 @@ def parameter_sets(extradata: bytes) -> tuple[bytes, bytes]:
     return sps[0], pps[0]
 
 
+def avcc_nal_units(access_unit: bytes) -> list[bytes]:
+    """The NAL units of one AVCC access unit (4-byte big-endian lengths); malformed data raises."""
+    nals, pos, n = [], 0, len(access_unit)
+    while pos < n:
+        if pos + 4 > n:
+            raise Fmp4Error(f"AVCC access unit: a NAL length field runs past the end at byte {pos}")
+        (length,) = struct.unpack_from(">I", access_unit, pos)
+        if length == 0 or pos + 4 + length > n:
+            raise Fmp4Error(f"AVCC access unit: NAL unit of {length} bytes at byte {pos} does not fit {n} bytes")
+        nals.append(access_unit[pos + 4 : pos + 4 + length])
+        pos += 4 + length
+    if not nals:
+        raise Fmp4Error("empty H.264 access unit")
+    return nals
+
+
+def is_idr(access_unit: bytes) -> bool:
+    """Whether an AVCC access unit holds an IDR picture (a sync sample: it decodes on its own)."""
+    return any(nal_type(nal) == NAL_IDR for nal in avcc_nal_units(access_unit))
+
+
+class _BitReader:
+    """MSB-first bit reader over an RBSP with Exp-Golomb codes (ITU-T H.264 7.2, 9.1)."""
+
+    def __init__(self, rbsp: bytes) -> None:
+        self.data, self.pos = rbsp, 0
+
+    def u(self, bits: int) -> int:
+        value = 0
+        for _ in range(bits):
+            byte = self.pos >> 3
+            if byte >= len(self.data):
+                raise Fmp4Error("SPS ends early")
+            value = (value << 1) | ((self.data[byte] >> (7 - (self.pos & 7))) & 1)
+            self.pos += 1
+        return value
+
+    def ue(self) -> int:
+        zeros = 0
+        while self.u(1) == 0:
+            zeros += 1
+            if zeros > 31:
+                raise Fmp4Error("SPS holds an Exp-Golomb code longer than 32 bits")
+        return (1 << zeros) - 1 + self.u(zeros)
+
+    def se(self) -> int:
+        k = self.ue()
+        return (k + 1) // 2 if k & 1 else -(k // 2)
+
+
+#: profile_idc values whose SPS carries chroma format, bit depths and scaling matrices (H.264 7.3.2.1.1)
+_HIGH_PROFILES = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
+
+
+def sps_dimensions(sps: bytes) -> tuple[int, int]:
+    """(width, height) in pixels of the pictures a sequence parameter set NAL unit describes, cropping
+    applied (ITU-T H.264 7.3.2.1.1 and 7.4.2.1.1)."""
+    if not sps or nal_type(sps) != NAL_SPS:
+        raise Fmp4Error("not an SPS NAL unit")
+    rbsp = sps[1:].replace(b"\x00\x00\x03", b"\x00\x00")   # drop emulation-prevention bytes
+    r = _BitReader(rbsp)
+    profile_idc = r.u(8)
+    r.u(16)                                                  # constraint flags, level_idc
+    r.ue()                                                   # seq_parameter_set_id
+    chroma_format_idc, separate_planes = 1, 0
+    if profile_idc in _HIGH_PROFILES:
+        chroma_format_idc = r.ue()
+        if chroma_format_idc == 3:
+            separate_planes = r.u(1)
+        r.ue(), r.ue(), r.u(1)                              # bit depths, qpprime_y_zero_transform_bypass
+        if r.u(1):                                           # seq_scaling_matrix_present_flag
+            for i in range(8 if chroma_format_idc != 3 else 12):
+                if r.u(1):                                   # scaling_list(): skip its deltas
+                    last = nxt = 8
+                    for _ in range(16 if i < 6 else 64):
+                        if nxt:
+                            nxt = (last + r.se() + 256) % 256
+                        last = nxt or last
+    r.ue()                                                   # log2_max_frame_num_minus4
+    poc_type = r.ue()
+    if poc_type == 0:
+        r.ue()
+    elif poc_type == 1:
+        r.u(1), r.se(), r.se()
+        for _ in range(r.ue()):
+            r.se()
+    r.ue(), r.u(1)                                           # max_num_ref_frames, gaps_in_frame_num_allowed
+    width_mbs, height_units = r.ue() + 1, r.ue() + 1
+    frame_mbs_only = r.u(1)
+    if not frame_mbs_only:
+        r.u(1)                                               # mb_adaptive_frame_field_flag
+    r.u(1)                                                   # direct_8x8_inference_flag
+    crop = (r.ue(), r.ue(), r.ue(), r.ue()) if r.u(1) else (0, 0, 0, 0)  # left, right, top, bottom
+    chroma_array_type = 0 if separate_planes else chroma_format_idc
+    sub_w, sub_h = {0: (1, 1), 1: (2, 2), 2: (2, 1), 3: (1, 1)}[chroma_array_type]
+    crop_x = 1 if chroma_array_type == 0 else sub_w
+    crop_y = (2 - frame_mbs_only) * (1 if chroma_array_type == 0 else sub_h)
+    width = 16 * width_mbs - crop_x * (crop[0] + crop[1])
+    height = 16 * height_units * (2 - frame_mbs_only) - crop_y * (crop[2] + crop[3])
+    if width <= 0 or height <= 0:
+        raise Fmp4Error(f"SPS describes an empty picture ({width}x{height})")
+    return width, height
+
+
 # ------------------------------------------------------------------------------------------------
 # Init segment
 # ------------------------------------------------------------------------------------------------
 
 
 def _avcc(track: AvcTrack) -> bytes:
-    """AVCDecoderConfigurationRecord (ISO/IEC 14496-15 5.3.3.1)."""
-    sps, pps = track.sps, track.pps
+    """The ``avcC`` box: the track's AVCDecoderConfigurationRecord."""
+    return box(b"avcC", avc_decoder_config(track.sps, track.pps))
+
+
+def avc_decoder_config(sps: bytes, pps: bytes) -> bytes:
+    """AVCDecoderConfigurationRecord (ISO/IEC 14496-15 5.3.3.1) of one SPS and one PPS; the inverse of
+    :func:`parameter_sets`. This is the codec configuration that travels with encoded blocks."""
     if len(sps) < 4:
         raise Fmp4Error("SPS is too short to hold profile and level")
     profile, compat, level = sps[1], sps[2], sps[3]
@@ -208,7 +327,7 @@ def _avcc(track: AvcTrack) -> bytes:
         # depths. The packager always encodes 8-bit yuv420p, so these are chroma_format_idc=1,
         # bit_depth_luma/chroma_minus8=0, and no SPS extensions.
         body += bytes([0xFC | 1, 0xF8 | 0, 0xF8 | 0, 0])
-    return box(b"avcC", body)
+    return body
 
 
 def _avc1(track: AvcTrack) -> bytes:

@@ -1,4 +1,4 @@
-"""Stream packaging: decoded blocks (RGB frames + 16 kHz audio) -> fragmented MP4 (H.264 + AAC).
+"""Stream packaging: decoded blocks (H.264 access units or RGB frames + 16 kHz audio) -> fragmented MP4.
 
 ``PackageStage`` is the last pure stage of a lane's output path. For every block the VAE decoder
 emits (12 frames at 25 fps = 0.48 s; the first block of a stream has 9 frames) it returns, at once,
@@ -7,10 +7,15 @@ I/O and starts no threads of its own (x264 may use its own slice threads); the s
 service wraps it.
 
 Video
-    libx264, yuv420p (BT.709, limited range, tagged in the SPS), no B-frames, ``tune=zerolatency``
-    so every frame comes out of the encoder as soon as it goes in, and a forced IDR keyframe at the
-    start of every block (GOP = one block). So each fragment decodes on its own after the init
-    segment, which is what a client that joins or reconnects mid-stream needs.
+    Encoded by :class:`~pipeline_stages.video_encode.BlockVideoEncoder` with this module's
+    :class:`PackageConfig`: libx264, yuv420p (BT.709, limited range, tagged in the SPS), no B-frames,
+    ``tune=zerolatency`` so every frame comes out of the encoder as soon as it goes in, and a forced
+    IDR keyframe at the start of every block (GOP = one block). So each fragment decodes on its own
+    after the init segment, which is what a client that joins or reconnects mid-stream needs.
+    Two ways in: :meth:`PackageStage.push_encoded` muxes access units encoded elsewhere (the services:
+    the lane's decode rank encodes; the stage is built from their codec configuration and opens no
+    video encoder), :meth:`PackageStage.push_block` encodes raw frames with the stage's own encoder
+    (the in-process paths). Both give the same bytes for the same frames.
 
 Audio
     16 kHz mono float32 in, resampled to 32 kHz by an exact integer-factor polyphase windowed-sinc
@@ -50,7 +55,11 @@ Restarting a stream mid-session
     same absolute timestamps as the original stream would have (the MSE client sets its playback
     position to ``block_start_time(k)``). The new audio encoder knows no earlier audio: its stream
     starts up to 33 ms before block ``k`` with silence, and from the end of block ``k`` on its AAC
-    packets have the same decode times as the original stream's.
+    packets have the same decode times as the original stream's. When the *video encoder* restarts
+    (the decode rank restarted), its blocks still start with an IDR picture and its parameter sets
+    are the same bytes (a pure function of the configuration), so the running stage muxes them on;
+    a codec configuration that differs from the init segment's anyway goes in-band (see
+    :meth:`PackageStage.push_encoded`).
 """
 
 from __future__ import annotations
@@ -199,6 +208,7 @@ class PackageState:
     audio_first_decode_time: int  # decode time of the encoder's first (priming) packet
     audio_frames_fed: int = 0  # AAC frames given to the encoder
     audio_packets_out: int = 0  # AAC packets written to fragments
+    inband_parameter_sets: int = 0  # blocks whose codec configuration differed from the init segment's
     closed: bool = False
 
 
@@ -244,7 +254,7 @@ class PolyphaseUpsampler:
 
 
 class PackageStage:
-    """Frames + audio of one stream -> init segment and one fragmented-MP4 fragment per block.
+    """Video + audio of one stream -> init segment and one fragmented-MP4 fragment per block.
 
     Pure and single-threaded from the caller's view; one instance per output stream. Typical use::
 
@@ -253,6 +263,12 @@ class PackageStage:
         for block in blocks:             # block 0: 9 frames, then 12; audio 640 samples/frame
             send(stage.push_block(block.frames, block.audio))
         send(stage.close())
+
+    or, with blocks encoded elsewhere (:class:`~pipeline_stages.video_encode.BlockVideoEncoder`)::
+
+        stage = PackageStage(704, 384, start_block=k, video_config=avcc)
+        for block in blocks:
+            send(stage.push_encoded(block.access_units, block.audio, avcc))
     """
 
     def __init__(
@@ -269,9 +285,15 @@ class PackageStage:
         threads: int = 0,
         start_block: int = 0,
         config: PackageConfig | None = None,
+        video_config: bytes | None = None,
     ) -> None:
         """Open the encoders. ``config``, if given, replaces every other size/codec argument
-        (``width``/``height`` must then match it)."""
+        (``width``/``height`` must then match it).
+
+        ``video_config``: the AVCDecoderConfigurationRecord of blocks encoded elsewhere
+        (:attr:`~pipeline_stages.video_encode.BlockVideoEncoder.codec_config`) for a stage that muxes
+        them with :meth:`push_encoded`; no video encoder is opened then. Without it the stage opens its
+        own encoder for :meth:`push_block`."""
         if config is not None and (config.width, config.height) != (width, height):
             raise PackageInputError(
                 f"width x height {width}x{height} differs from the config's {config.width}x{config.height}"
@@ -293,32 +315,22 @@ class PackageStage:
         self.config = cfg = config
         self.start_block = start_block
 
-        # 1. Video encoder: x264, low latency, one IDR per block, parameter sets out of band.
-        self._video = av.CodecContext.create("libx264", "w")
-        self._video.width, self._video.height = cfg.width, cfg.height
-        self._video.pix_fmt = "yuv420p"
-        self._video.time_base = Fraction(1, cfg.fps)
-        self._video.framerate = Fraction(cfg.fps)
-        self._video.gop_size = cfg.block_frames
-        self._video.max_b_frames = 0
-        self._video.flags |= av.codec.context.Flags.global_header  # SPS/PPS in extradata -> avcC
-        x264_params = [
-            f"keyint={cfg.block_frames}",
-            "scenecut=0",  # no extra keyframes inside a block
-            "bframes=0",
-            f"threads={cfg.threads}",
-            "colorprim=bt709:transfer=bt709:colormatrix=bt709:range=tv",
-        ]
-        options = {"preset": cfg.preset, "tune": "zerolatency", "forced-idr": "1"}
-        if cfg.video_bitrate is None:
-            options["crf"] = f"{cfg.crf:g}"
-        else:
-            self._video.bit_rate = cfg.video_bitrate
-            options.update(maxrate=str(cfg.video_bitrate), bufsize=str(cfg.video_bitrate))
-        options["x264-params"] = ":".join(x264_params)
-        self._video.options = options
-        self._video.open()
-        sps, pps = fmp4.parameter_sets(bytes(self._video.extradata or b""))
+        # 1. Video: the parameter sets of the init segment, from the given codec configuration or from
+        #    this stage's own encoder (opened only when the frames come raw).
+        self._encoder = None
+        if video_config is None:
+            self._encoder = self._open_encoder(cfg.block_start_frame(start_block))
+            video_config = self._encoder.codec_config
+        try:
+            sps, pps = fmp4.parameter_sets(bytes(video_config))
+            size = fmp4.sps_dimensions(sps)
+        except fmp4.Fmp4Error as exc:
+            raise PackageInputError(f"bad H.264 codec configuration: {exc}") from exc
+        if size != (cfg.width, cfg.height):
+            raise PackageInputError(
+                f"the H.264 codec configuration is for {size[0]}x{size[1]}, the stream is {cfg.width}x{cfg.height}"
+            )
+        self.video_config = fmp4.avc_decoder_config(sps, pps)
 
         # 2. Audio: resampler, then FFmpeg's AAC-LC encoder fed whole 1024-sample frames.
         self._resampler = PolyphaseUpsampler(cfg.upsample_factor, cfg.half_taps, cfg.kaiser_beta)
@@ -369,32 +381,48 @@ class PackageStage:
         ``frames``: uint8 ``[T, H, W, 3]`` RGB, ``T`` = 9 for block 0 of a stream, else 12.
         ``audio``: float32 ``[T * audio_rate_in / fps]`` mono samples in [-1, 1] (clipped).
         """
-        cfg, state = self.config, self.state
-        frames, audio = self._validate(frames, audio)
+        self._validate(frames, audio)
+        if self._encoder is None:   # a stage built from a codec configuration, given raw frames after all
+            self._encoder = self._open_encoder(self.state.next_frame)
+        block = self._encoder.encode_block(frames)
+        return self.push_encoded(block.access_units, audio, self._encoder.codec_config)
 
-        # 1. Video: one packet per frame (zerolatency), the first forced to an IDR keyframe.
-        video_samples = []
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame = frame.reformat(
-                format="yuv420p",
-                dst_colorspace="ITU709",
-                dst_color_range="MPEG",
-                interpolation="BILINEAR",
-                threads=1,
+    def push_encoded(self, access_units, audio, video_config: bytes | None = None) -> bytes:
+        """Mux one block of H.264 access units (no re-encoding) and its audio into the block's fragment.
+
+        ``access_units``: one AVCC access unit per frame (:class:`~pipeline_stages.video_encode.EncodedBlock`),
+        the first an IDR picture; ``audio`` as for :meth:`push_block`. ``video_config``: the codec
+        configuration they were encoded with. When it differs from the init segment's (an encoder of
+        another build after a restart), the block's parameter sets go in-band, before its IDR picture,
+        so decoders switch to them while the init segment stays the session's.
+        """
+        cfg, state = self.config, self.state
+        access_units = tuple(bytes(au) for au in access_units)
+        expected_frames = cfg.frames_in_block(state.next_block)
+        self._check_state()
+        if len(access_units) != expected_frames:
+            raise PackageInputError(
+                f"block {state.next_block} must have {expected_frames} access units, got {len(access_units)}"
             )
-            frame.pts = state.next_frame + i
-            frame.pict_type = av.video.frame.PictureType.I if i == 0 else av.video.frame.PictureType.NONE
-            for packet in self._video.encode(frame):
-                if not video_samples and not packet.is_keyframe:
-                    raise RuntimeError("x264 did not start the block with a keyframe")
-                data = fmp4.annexb_to_avcc(bytes(packet))
-                video_samples.append(fmp4.Sample(data, cfg.frame_ticks, packet.is_keyframe))
-        if len(video_samples) != len(frames):
-            raise RuntimeError(
-                f"x264 returned {len(video_samples)} packets for {len(frames)} frames; it must not buffer frames"
-            )
-        video_run = fmp4.TrackRun(VIDEO_TRACK_ID, state.next_frame * cfg.frame_ticks, tuple(video_samples))
+        audio = self._validate_audio(audio, expected_frames)
+
+        # 1. Video: one sample per access unit; the first must be an IDR picture.
+        try:
+            sync = [fmp4.is_idr(au) for au in access_units]
+            inband = b""
+            if video_config is not None and bytes(video_config) != self.video_config:
+                sets = fmp4.parameter_sets(bytes(video_config))   # the same sets in another form are no change
+                if sets != fmp4.parameter_sets(self.video_config):
+                    inband = b"".join(len(nal).to_bytes(4, "big") + nal for nal in sets)
+        except fmp4.Fmp4Error as exc:
+            raise PackageInputError(f"block {state.next_block}: bad H.264 data: {exc}") from exc
+        if not sync[0]:
+            raise PackageInputError(f"block {state.next_block} does not start with an IDR picture")
+        if inband:
+            state.inband_parameter_sets += 1
+            access_units = (inband + access_units[0],) + access_units[1:]
+        video_samples = tuple(fmp4.Sample(au, cfg.frame_ticks, s) for au, s in zip(access_units, sync, strict=True))
+        video_run = fmp4.TrackRun(VIDEO_TRACK_ID, state.next_frame * cfg.frame_ticks, video_samples)
 
         # 2. Audio: resample, append to the frame FIFO, encode every whole AAC frame.
         audio_run = self._encode_audio(self._resampler.push(audio), final=False)
@@ -402,7 +430,7 @@ class PackageStage:
         # 3. Fragment and counters.
         fragment = fmp4.media_fragment(state.sequence_number, [video_run, audio_run])
         state.sequence_number += 1
-        state.next_frame += len(frames)
+        state.next_frame += expected_frames
         state.next_block += 1
         return fragment
 
@@ -412,9 +440,8 @@ class PackageStage:
         if state.closed:
             return b""
         state.closed = True
-        # Video: zerolatency x264 holds nothing back, so the flush must return no packet.
-        if self._video.encode(None):
-            raise RuntimeError("x264 returned packets on flush; frames were buffered")
+        if self._encoder is not None:   # zerolatency x264 holds nothing back (checked by its close)
+            self._encoder.close()
         audio_run = self._encode_audio(self._resampler.flush(), final=True)
         fragment = fmp4.media_fragment(state.sequence_number, [audio_run])
         if fragment:
@@ -423,12 +450,22 @@ class PackageStage:
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _validate(self, frames, audio) -> tuple[np.ndarray, np.ndarray]:
-        """Check one block's frames and audio; return them as numpy arrays."""
-        cfg, state = self.config, self.state
-        if state.closed:
+    def _open_encoder(self, start_frame: int):
+        """This stage's own video encoder, for raw frames (imported here: ``video_encode`` imports
+        this module's :class:`PackageConfig`)."""
+        from pipeline_stages.video_encode import BlockVideoEncoder
+
+        return BlockVideoEncoder(self.config, start_frame=start_frame)
+
+    def _check_state(self) -> None:
+        if self.state.closed:
             raise PackageInputError("push_block after close(): start a new PackageStage")
-        frames, audio = np.asarray(frames), np.asarray(audio)
+
+    def _validate(self, frames, audio) -> None:
+        """Check one block's raw frames and audio."""
+        cfg, state = self.config, self.state
+        self._check_state()
+        frames = np.asarray(frames)
         expected_frames = cfg.frames_in_block(state.next_block)
         if frames.dtype != np.uint8:
             raise PackageInputError(f"frames must be uint8 RGB, got dtype {frames.dtype}")
@@ -440,17 +477,23 @@ class PackageStage:
             raise PackageInputError(
                 f"block {state.next_block} must have {expected_frames} frames, got {frames.shape[0]}"
             )
-        expected_samples = expected_frames * cfg.samples_in_per_frame
+        self._validate_audio(audio, expected_frames)
+
+    def _validate_audio(self, audio, frames: int) -> np.ndarray:
+        """Check one block's audio (``frames`` video frames long); return it as a numpy array."""
+        cfg, state = self.config, self.state
+        audio = np.asarray(audio)
+        expected_samples = frames * cfg.samples_in_per_frame
         if audio.dtype != np.float32:
             raise PackageInputError(f"audio must be float32 mono samples, got dtype {audio.dtype}")
         if audio.ndim != 1 or audio.shape[0] != expected_samples:
             raise PackageInputError(
                 f"block {state.next_block} audio must have shape [{expected_samples}] "
-                f"({expected_frames} frames at {cfg.audio_rate_in} Hz), got {list(audio.shape)}"
+                f"({frames} frames at {cfg.audio_rate_in} Hz), got {list(audio.shape)}"
             )
         if not np.isfinite(audio).all():
             raise PackageInputError("audio contains NaN or infinite samples")
-        return frames, audio
+        return audio
 
     def _encode_audio(self, samples: np.ndarray, *, final: bool) -> fmp4.TrackRun:
         """Append output-rate ``samples`` to the FIFO and encode every whole frame (all of it if ``final``)."""
@@ -482,13 +525,25 @@ class PackageStage:
         return fmp4.TrackRun(AUDIO_TRACK_ID, decode_time, samples_out)
 
 
-def make_package_stage(width: int, height: int, fps: int, block_frames: int, start_block: int = 0,
-                       tiny: bool = False) -> PackageStage:
-    """A packager for a lane's blocks: every block, the first included, holds ``block_frames`` frames.
+#: the services' rule: frames of at most this many pixels are test-size and get :meth:`PackageConfig.tiny`
+TINY_MAX_PIXELS = 128 * 128
 
-    ``tiny`` starts from :meth:`PackageConfig.tiny` (the test-size encoder settings) instead of the defaults.
-    """
+
+def lane_stream_config(width: int, height: int, fps: int, block_frames: int, tiny: bool | None = None) -> PackageConfig:
+    """The stream configuration of a lane's blocks: every block, the first included, holds ``block_frames``
+    frames. ``tiny`` starts from :meth:`PackageConfig.tiny` (the test-size encoder settings) instead of
+    the defaults; ``None`` applies the services' rule (:data:`TINY_MAX_PIXELS`), which the decode rank's
+    encoder and the packager share, so both agree on the stream of any size."""
+    if tiny is None:
+        tiny = width * height <= TINY_MAX_PIXELS
     base = PackageConfig.tiny() if tiny else PackageConfig()
-    cfg = replace(base, width=width, height=height, fps=fps, block_frames=block_frames,
-                  first_block_frames=block_frames)
-    return PackageStage(width, height, fps=fps, config=cfg, start_block=start_block)
+    return replace(base, width=width, height=height, fps=fps, block_frames=block_frames,
+                   first_block_frames=block_frames)
+
+
+def make_package_stage(width: int, height: int, fps: int, block_frames: int, start_block: int = 0,
+                       tiny: bool | None = False, video_config: bytes | None = None) -> PackageStage:
+    """A packager for a lane's blocks (:func:`lane_stream_config`); ``video_config`` as for
+    :class:`PackageStage` (blocks encoded elsewhere)."""
+    cfg = lane_stream_config(width, height, fps, block_frames, tiny)
+    return PackageStage(width, height, fps=fps, config=cfg, start_block=start_block, video_config=video_config)

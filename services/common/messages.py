@@ -132,7 +132,15 @@ class Features(_Header):
 
 
 class Frames(_Header):
-    """Topic ``frames``: one decoded block (``frames`` [12, H, W, 3] uint8, ``pcm`` [7680] float32), or end."""
+    """Topic ``frames``: one decoded block, or end.
+
+    A block from the lane's decode rank carries its video already encoded (:func:`h264_tensors`):
+    ``h264`` uint8 [N] (the block's H.264 access units in AVCC form, one per frame, back to back),
+    ``h264_sizes`` int64 [T] (the byte length of each), ``avcc`` uint8 [n] (the codec configuration, an
+    AVCDecoderConfigurationRecord), and ``pcm`` [T * 640] float32. The older raw form, ``frames``
+    [T, H, W, 3] uint8 + ``pcm``, is still accepted by the packager (it then encodes). ``latent`` rides
+    along when the lane's ``emit_latents`` is set (tests).
+    """
 
     topic: Literal["frames"] = "frames"
     kind: Literal["block", "end"]
@@ -161,6 +169,33 @@ class Message:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Message) and self.header == other.header and self.tensors == other.tensors
+
+
+def h264_tensors(access_units, avcc: bytes) -> dict[str, Tensor]:
+    """The tensors of one encoded block of :class:`Frames`: its access units and codec configuration."""
+    units = [bytes(au) for au in access_units]
+    if not units or not all(units) or not avcc:
+        raise WireError("an encoded block needs at least one non-empty access unit and a codec configuration")
+    data = b"".join(units)
+    return {"h264": Tensor("uint8", (len(data),), data),
+            "h264_sizes": Tensor.from_numpy(np.array([len(u) for u in units], dtype=np.int64)),
+            "avcc": Tensor("uint8", (len(avcc),), bytes(avcc))}
+
+
+def h264_from_tensors(tensors: dict[str, Tensor]) -> tuple[list[bytes], bytes]:
+    """(access units, codec configuration) of an encoded :class:`Frames` block; inconsistent sizes raise
+    :class:`WireError`."""
+    try:
+        data, sizes, avcc = tensors["h264"], tensors["h264_sizes"], tensors["avcc"]
+    except KeyError as exc:
+        raise WireError(f"encoded block without tensor {exc}") from exc
+    if (data.dtype, sizes.dtype, avcc.dtype) != ("uint8", "int64", "uint8") or len(sizes.shape) != 1:
+        raise WireError("encoded block: h264/avcc must be uint8 bytes and h264_sizes int64 [T]")
+    lengths = sizes.numpy().tolist()
+    if not lengths or min(lengths) <= 0 or sum(lengths) != len(data.data) or not avcc.data:
+        raise WireError(f"encoded block: access unit sizes {lengths} do not split {len(data.data)} bytes")
+    offsets = np.cumsum([0] + lengths).tolist()
+    return [data.data[a:b] for a, b in zip(offsets[:-1], offsets[1:])], avcc.data
 
 
 def encode(header: _Header, tensors: dict[str, Tensor] | None = None, compress: set[str] | None = None) -> bytes:

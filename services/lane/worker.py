@@ -2,8 +2,8 @@
 
 - rank 0 (the head, the first denoise rank): reads its partition of ``audio-features`` and feeds the lane;
 - the next ranks: denoise steps, joined by ``torch.distributed`` only;
-- the last rank: the VAE decoder (alone in shape ``D+1``, after its denoising steps in shape ``D``); writes
-  decoded blocks to ``frames`` and the cursor to Redis.
+- the last rank: the VAE decoder (alone in shape ``D+1``, after its denoising steps in shape ``D``); encodes
+  each decoded block to H.264 access units and writes them to ``frames``, and the cursor to Redis.
 
 The ranks are :func:`pipeline_stages.tpp.run_rank` with Kafka/Redis-backed sources and outputs; which rank
 does what comes from the lane's shape (``LIVEAVATAR_LANE_SHAPE``, :class:`pipeline_stages.tpp.LaneShape`).
@@ -31,6 +31,7 @@ from kafka import OffsetAndMetadata, TopicPartition
 from infra import topics
 from models.generator import GenerationOptions
 from models.liveavatar import LiveAvatarConfig, default_checkpoint
+from pipeline_stages.package_stage import lane_stream_config
 from pipeline_stages.sink import SinkInputs
 from pipeline_stages.tpp import (
     AnchorReady,
@@ -49,7 +50,8 @@ from pipeline_stages.tpp import (
     run_rank,
 )
 from pipeline_stages.tpp.shape import parse_shape
-from services.common.health import ACTIVE_SESSIONS, BLOCKS, DUPLICATES, FPS, QUEUE_LAG, HealthServer
+from pipeline_stages.video_encode import BlockVideoEncoder
+from services.common.health import ACTIVE_SESSIONS, BLOCK_LATENCY, BLOCKS, DUPLICATES, FPS, QUEUE_LAG, HealthServer
 from services.common.kafka import make_consumer, make_producer
 from services.common.logging import get_logger
 from services.common.messages import (
@@ -58,6 +60,7 @@ from services.common.messages import (
     WireError,
     decode,
     encode,
+    h264_tensors,
     tensor_from_torch,
     tensor_to_torch,
 )
@@ -88,7 +91,6 @@ class LaneSettings(WorkerSettings):
     rank_timeout_s: float = 30.0
     heartbeat_s: float = 1.0
     decode_threads: int | None = None        # torch threads of the decode rank (unset: threads; docs/services.md)
-    compress_frames: bool = False            # zlib the decoded frames on the wire (measured: see docs)
     emit_latents: bool = False               # also put each block's final latent on the frames topic (tests)
 
     def model_post_init(self, _ctx) -> None:
@@ -260,18 +262,39 @@ class KafkaLaneSource:
 
 
 class KafkaLaneOutput:
-    """The decode rank's output: frames to Kafka, cursor / anchor / usage / lane release to Redis."""
+    """The decode rank's output: each block H.264-encoded to Kafka, cursor / anchor / usage / lane release
+    to Redis.
+
+    One :class:`~pipeline_stages.video_encode.BlockVideoEncoder` per session, opened at the first block
+    this process emits (after a restart: the block after ``lane_block``). Every block starts with an IDR
+    picture and the encoder's parameter sets depend only on the stream configuration, so the packager
+    continues a session across a restart of this rank under the same init segment."""
 
     def __init__(self, s: LaneSettings, store: StateStore):
         self.s, self.store = s, store
         self.producer = make_producer(s.kafka())
         self.tags: dict[int, tuple[str, str]] = {}
+        self.encoders: dict[int, BlockVideoEncoder] = {}
         self.t_last = time.monotonic()
+
+    def _encode(self, item: BlockDone, fps: int):
+        """The block's frames as H.264 access units (and the codec configuration)."""
+        frames = item.frames.numpy()                       # [T, H, W, 3] uint8
+        enc = self.encoders.get(item.session_no)
+        if enc is None:
+            t, height, width = frames.shape[:3]
+            cfg = lane_stream_config(width, height, fps, t)
+            enc = self.encoders[item.session_no] = BlockVideoEncoder(cfg, cfg.block_start_frame(item.block_index))
+        t0 = time.perf_counter()
+        block = enc.encode_block(frames)
+        BLOCK_LATENCY.labels(SERVICE, "encode").observe(time.perf_counter() - t0)
+        return block.access_units, enc.codec_config
 
     def put(self, item) -> None:
         if isinstance(item, SessionStarted):
             tenant, sid = item.tag.split("/", 1)
             self.tags[item.session_no] = (tenant, sid)
+            self.encoders.pop(item.session_no, None)
             ACTIVE_SESSIONS.labels(SERVICE).set(1)
             return
         tenant, sid = self.tags.get(getattr(item, "session_no", -1), ("", ""))
@@ -283,11 +306,10 @@ class KafkaLaneOutput:
         elif isinstance(item, BlockDone):
             header = Frames(session_id=sid, tenant_id=tenant, seq=item.block_index, kind="block",
                             lane_id=self.s.lane_id)
-            tensors = {"frames": tensor_from_torch(item.frames), "pcm": tensor_from_torch(item.pcm)}
+            tensors = {**h264_tensors(*self._encode(item, header.fps)), "pcm": tensor_from_torch(item.pcm)}
             if self.s.emit_latents:
                 tensors["latent"] = tensor_from_torch(item.latent)
-            value = encode(header, tensors, compress={"frames"} if self.s.compress_frames else None)
-            self.producer.send(topics.name(topics.FRAMES), key=sid.encode(), value=value)
+            self.producer.send(topics.name(topics.FRAMES), key=sid.encode(), value=encode(header, tensors))
             self.producer.flush()                          # frames durable before the cursor moves
             self.store.advance_cursor(sid, "lane_block", item.block_index)
             self.store.add_usage(tenant, item.frames.shape[0] / 25.0)
@@ -296,6 +318,9 @@ class KafkaLaneOutput:
             FPS.labels(SERVICE).set(item.frames.shape[0] / max(1e-6, now - self.t_last))
             self.t_last = now
         elif isinstance(item, SessionEnded):
+            enc = self.encoders.pop(item.session_no, None)
+            if enc is not None:
+                enc.close()
             self.producer.send(topics.name(topics.FRAMES), key=sid.encode(), value=encode(
                 Frames(session_id=sid, tenant_id=tenant, seq=-1, kind="end", lane_id=self.s.lane_id)))
             self.producer.flush()

@@ -2,8 +2,9 @@
 
 The messages are built with the real wire encoder (``services.common.messages.encode``) at the
 reference configuration (704x384 video, 12 frames and 7,680 samples per block, 25 x 1,024 wav2vec2
-features); the fMP4 fragment is encoded by the real packager from noise frames, the worst case for
-H.264. Each must fit the topic's limit with room for Kafka's record and batch overhead, the chart must
+features); the ``frames`` message (a block already H.264-encoded by the decode rank's encoder) and the
+fMP4 fragment are encoded from uniform noise frames, the worst case for H.264, with the services'
+encoder settings. Each must fit the topic's limit with room for Kafka's record and batch overhead, the chart must
 declare the same limits, and the producer's request limit and the consumer's fetch limit must hold the
 largest one.
 """
@@ -15,7 +16,7 @@ import pytest
 
 from infra import topics
 from services.common import kafka as kafka_mod
-from services.common.messages import AudioIn, Features, Frames, Media, Tensor, encode
+from services.common.messages import AudioIn, Features, Frames, Media, Tensor, encode, h264_tensors
 from services.session_api.bus import CHUNK_SAMPLES
 from services.session_api.schemas import SessionOptions
 
@@ -54,11 +55,25 @@ def largest_features(cfg) -> int:
                       {"features": Tensor.from_numpy(feats), "pcm": Tensor.from_numpy(pcm)}))
 
 
-def largest_frames(cfg, height: int, width: int) -> int:
-    frames = np.zeros((cfg.audio.block_frames, height, width, 3), np.uint8)
-    pcm = np.zeros(cfg.audio.block_frames * cfg.audio.sample_rate // cfg.fps, np.float32)
-    return len(encode(Frames(session_id=SID, tenant_id=TENANT, seq=2**40, kind="block", lane_id="l" * 64),
-                      {"frames": Tensor.from_numpy(frames), "pcm": Tensor.from_numpy(pcm)}))
+def frames_messages(cfg, height: int, width: int) -> tuple[int, int]:
+    """(largest encoded ``frames`` message of noise, the raw-frames message of the same block): the lane's
+    encoder (:func:`lane_stream_config`) on uniform RGB noise, the first block (IDR + x264's SEI) and
+    the second."""
+    from pipeline_stages.package_stage import lane_stream_config
+    from pipeline_stages.video_encode import BlockVideoEncoder
+
+    t = cfg.audio.block_frames
+    enc = BlockVideoEncoder(lane_stream_config(width, height, cfg.fps, t))
+    rng = np.random.default_rng(0)
+    pcm = Tensor.from_numpy(np.zeros(t * cfg.audio.sample_rate // cfg.fps, np.float32))
+    header = Frames(session_id=SID, tenant_id=TENANT, seq=2**40, kind="block", lane_id="l" * 64)
+    sizes = []
+    for _ in range(2):
+        frames = rng.integers(0, 256, (t, height, width, 3), dtype=np.uint8)
+        block = enc.encode_block(frames)
+        sizes.append(len(encode(header, {**h264_tensors(block.access_units, enc.codec_config), "pcm": pcm})))
+    raw = len(encode(header, {"frames": Tensor.from_numpy(frames), "pcm": pcm}))
+    return max(sizes), raw
 
 
 def noise_fragment(cfg, height: int, width: int) -> int:
@@ -89,11 +104,13 @@ def test_audio_and_features_fit(reference):
     assert largest_features(cfg) + RECORD_OVERHEAD <= topics.MAX_MESSAGE_BYTES[topics.AUDIO_FEATURES]
 
 
-def test_raw_frames_fit_and_would_not_fit_kafkas_default(reference):
+def test_encoded_frames_of_noise_fit_with_the_safety_factor_and_raw_frames_would_not(reference):
     cfg, height, width = reference
-    size = largest_frames(cfg, height, width)
-    assert size > 9_700_000            # 12 x 448 x 640 x 3 bytes: ten times Kafka's 1 MiB default
-    assert size + RECORD_OVERHEAD <= topics.MAX_MESSAGE_BYTES[topics.FRAMES]
+    size, raw = frames_messages(cfg, height, width)
+    limit = topics.MAX_MESSAGE_BYTES[topics.FRAMES]
+    assert 500_000 < size < 2_000_000  # noise at CRF 23: ~1.2 MB (docstring of infra/topics.py)
+    assert size * topics.FRAMES_SAFETY + RECORD_OVERHEAD <= limit
+    assert raw > 9_700_000 > limit     # 12 x 448 x 640 x 3 bytes of raw frames would not fit
 
 
 def test_a_fragment_of_noise_fits_and_stays_under_raw_yuv(reference):

@@ -18,6 +18,7 @@ from services.common.messages import (
     WireError,
     decode,
     encode,
+    h264_tensors,
     tensor_from_torch,
     tensor_to_torch,
 )
@@ -40,6 +41,10 @@ def examples() -> dict[str, tuple]:
                            {"features": Tensor.from_numpy(feats), "pcm": Tensor.from_numpy(pcm)}),
         "frames_block": (Frames(session_id="s1", tenant_id="t1", seq=4, kind="block", lane_id="lane-1"),
                          {"frames": Tensor.from_numpy(frames), "latent": tensor_from_torch(latent)}),
+        # the lane's form: the block's H.264 access units (here stand-in bytes), their sizes, the avcC, PCM
+        "frames_h264_block": (Frames(session_id="s1", tenant_id="t1", seq=4, kind="block", lane_id="lane-1"),
+                              {**h264_tensors([b"\x00\x00\x00\x02\x65\x88", b"\x00\x00\x00\x01\x41"],
+                                              b"\x01\x42\xc0\x0a"), "pcm": Tensor.from_numpy(pcm)}),
         "media_fragment": (Media(session_id="s1", tenant_id="t1", seq=4, kind="fragment", start_time_s=1.92),
                            {"data": Tensor("uint8", (5,), b"moof!")}),
     }
