@@ -5,6 +5,7 @@ skips it with the reason: it needs root podman, buildah and mmdebstrap, and LIVE
 
 What it checks, through the containers only (the host talks to the published session API and Redis ports):
 - the torch-free images really carry no torch, and their services import;
+- the session API's image has espeak-ng (``POST .../speak``) and it speaks as the image's user;
 - a tenant created from the host with ``liveavatar tenants create --redis-url`` can run a session;
 - SIGKILL on one lane rank's container mid-session: the whole lane group is recreated (new containers for
   every rank, as LeaderWorkerSet's RecreateGroupOnPodRestart does) and the media resumes at the next block:
@@ -96,6 +97,17 @@ def test_torch_free_images_carry_no_torch_and_their_services_import(container_st
                   "import torch; print(torch.__version__, torch.version.cuda)")
     assert out.split() == ["2.13.0+cpu", "None"]
 
+
+def test_the_session_api_image_has_espeak_ng_for_speak(container_stack):
+    """``POST /v1/sessions/{id}/speak`` runs espeak-ng in the session API's container: as the image's user,
+    it turns text into a WAV of speech."""
+    from infra.containers import images
+
+    r = subprocess.run(["podman", "run", "--rm", "-i", "--entrypoint", "espeak-ng", images.ref("session-api"),
+                        "--stdout", "-v", "en-us"], input=b"Hello, I am a live avatar.", env=images.podman_env(),
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert r.stdout[:4] == b"RIFF" and r.stdout[8:12] == b"WAVE" and len(r.stdout) > 20000, len(r.stdout)
 
 def _speech(seconds: float) -> tuple[bytes, int, str]:
     import av

@@ -31,11 +31,14 @@ class WebRTCAnswer(BaseModel):
     sdp: str
 
 
-def live_edge(hub, sid: str) -> int | None:
-    """The newest block the hub holds for the session (a new viewer starts there), or None: from the start."""
+def live_edge(hub, sid: str) -> int:
+    """The newest block the hub holds for the session (a new viewer starts there), or 0 when it holds none
+    yet: the stream's first block. (Not None: for the hub that means "after the last block delivered to any
+    client of the session", so a peer that connected before the first block could skip the blocks a media
+    WebSocket client had already received.)"""
     with hub.lock:
         sm = hub.sessions.get(sid)
-        return sm.last_block if sm is not None and sm.last_block >= 0 else None
+        return sm.last_block if sm is not None and sm.last_block >= 0 else 0
 
 
 @router.post("/v1/sessions/{sid}/webrtc", response_model=WebRTCAnswer,

@@ -209,3 +209,23 @@ def test_dockerignore_lets_in_the_examples_the_session_api_serves():
     for kept in ("examples/cyclops_baker.wav", "examples/faces/face_812.png", "infra/docker/requirements.py"):
         assert not _ignored(kept, rules), kept
     assert "COPY examples " in _dockerfile("services/session_api/Dockerfile")
+
+
+def test_the_session_api_image_installs_espeak_ng_for_speak_as_root_then_drops_to_the_user():
+    """``POST /v1/sessions/{id}/speak`` runs ``espeak-ng`` (the settings' default backend): the image installs it
+    with apt as root, leaves no apt lists in the layer, checks it speaks, and runs the service as the user."""
+    from services.session_api.settings import ApiSettings
+    from services.session_api.tts import BACKENDS, EspeakNG
+
+    assert ApiSettings().tts_backend == "espeak-ng" and BACKENDS["espeak-ng"] is EspeakNG
+    text = _dockerfile("services/session_api/Dockerfile")
+    lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines() if ln.strip() and not ln.startswith("#")]
+    (install,) = [i for i, ln in enumerate(lines) if ln.startswith("RUN ") and "apt-get install" in ln]
+    run = lines[install]
+    assert re.search(r"apt-get update .*&& .*apt-get install -y -q --no-install-recommends espeak-ng\b", run), run
+    assert "rm -rf /var/lib/apt/lists/*" in run and "espeak-ng --stdout" in run, run
+    users = [(i, ln.split()[1]) for i, ln in enumerate(lines) if ln.startswith("USER ")]
+    assert [u for i, u in users if i < install][-1] == "root"
+    assert [u for i, u in users if i > install] == ["10001:10001"]
+    assert lines[-1] == 'ENTRYPOINT ["python", "-m", "services.session_api"]'
+    assert EspeakNG().binary == "espeak-ng"               # the program the image installs is the one tts.py runs

@@ -105,3 +105,39 @@ def test_webrtc_answer_carries_aligned_video_and_audio(live):
     rms = [np.sqrt(np.mean((f.to_ndarray().astype(np.float64) / 32768) ** 2)) for _, f in audio]
     loud = next(t for (t, _), e in zip(audio, rms) if e > 0.05)
     assert abs(white - loud) < 0.2, (white - loud)                       # the same stream time, together
+
+
+def test_a_peer_that_connects_before_the_first_block_gets_it_whatever_other_clients_read():
+    """A WebRTC peer made before the session's first block starts at block 0, even when a media WebSocket
+    client reads block 0 first (the hub's default start is after the blocks delivered to any client)."""
+    from services.session_api.media_hub import MediaStream
+    from services.session_api.routes.webrtc import live_edge
+    from tests.unit.services.test_session_api import Harness
+
+    h = Harness()
+    sid = "s_edge"
+    edge = live_edge(h.hub, sid)                       # the peer's start, taken when it connects: no media yet
+    assert edge == 0
+    h.media(sid, "init", -1, b"init")
+    h.media(sid, "fragment", 0, b"f0")
+    h.media(sid, "fragment", 1, b"f1")
+
+    async def read(from_block, n: int) -> list:
+        got = []
+        async with MediaStream(h.hub, sid, from_block) as stream:
+            async for piece in stream:
+                got.append((piece.kind, piece.block))
+                if len(got) == n:
+                    return got
+
+    async def read_briefly(from_block, n: int) -> list:
+        try:
+            return await asyncio.wait_for(read(from_block, n), 1.0)
+        except TimeoutError:
+            return "timed out"
+
+    first = [("init", -1), ("fragment", 0), ("fragment", 1)]
+    assert asyncio.run(read_briefly(None, 3)) == first                # a media WebSocket client read them first
+    assert asyncio.run(read_briefly(edge, 3)) == first                # the peer still gets block 0
+    assert asyncio.run(read_briefly(None, 3)) == "timed out"          # (the hub's default would have skipped them)
+    assert live_edge(h.hub, sid) == 1                                 # a later peer starts at the newest block
