@@ -175,7 +175,7 @@ class StateStore:
     # ---- cursors -------------------------------------------------------------------------------
     def set_cursor(self, session_id: str, **fields: int | bytes | str) -> None:
         key = self.k("cursor", session_id)
-        p = self.r.pipeline()
+        p = self.r.pipeline(transaction=False)        # one round trip; HSET + EXPIRE need no MULTI/EXEC
         p.hset(key, mapping=fields)
         p.expire(key, self.ttl)
         p.execute()
@@ -212,7 +212,7 @@ class StateStore:
 
     def heartbeat_lane(self, lane_id: str) -> None:
         key = self.k("lane", lane_id)
-        p = self.r.pipeline()
+        p = self.r.pipeline(transaction=False)
         p.hset(key, "heartbeat", time.time())
         p.expire(key, LANE_TTL_S)
         p.execute()
@@ -255,7 +255,7 @@ class StateStore:
         """Count ``seconds`` of generated video (``blocks`` blocks, one per call by default) for the tenant."""
         day = day or time.strftime("%Y%m%d", time.gmtime())
         key, bkey = self.k("usage", tenant, day), self.k("usageblocks", tenant, day)
-        p = self.r.pipeline()
+        p = self.r.pipeline(transaction=False)
         p.incrbyfloat(key, seconds)
         p.expire(key, 2 * 24 * 3600)
         p.incrby(bkey, blocks)
@@ -274,7 +274,7 @@ class StateStore:
     def mark_utterance_end(self, session_id: str, seq: int, last_block: int) -> None:
         """The utterance ended by input event ``seq`` ends with block ``last_block`` (idempotent)."""
         key = self.k("utterances", session_id)
-        p = self.r.pipeline()
+        p = self.r.pipeline(transaction=False)
         p.zadd(key, {str(seq): last_block})
         p.expire(key, self.ttl)
         p.execute()

@@ -36,9 +36,15 @@ class Backpressure(RuntimeError):
 
 def queued_seconds(store: StateStore, session_id: str, block_samples: int = 7680, rate: int = 16000) -> float:
     """Audio accepted but not yet turned into video (accepted samples minus generated blocks)."""
-    accepted = store.cursor_int(session_id, "accepted_samples", 0)
-    generated = (store.cursor_int(session_id, "lane_block") + 1) * block_samples
-    return max(0, accepted - generated) / rate
+    accepted, lane_block = store.r.hmget(store.k("cursor", session_id), "accepted_samples", "lane_block")
+    return queued_from(accepted, lane_block, block_samples, rate)
+
+
+def queued_from(accepted: bytes | None, lane_block: bytes | None, block_samples: int = 7680,
+                rate: int = 16000) -> float:
+    """:func:`queued_seconds` from the cursor's raw ``accepted_samples`` and ``lane_block`` (None: unset)."""
+    generated = ((-1 if lane_block is None else int(lane_block)) + 1) * block_samples
+    return max(0, (0 if accepted is None else int(accepted)) - generated) / rate
 
 
 def admit_audio(store: StateStore, session_id: str, samples: int, max_ahead_s: float,
@@ -53,14 +59,15 @@ def admit_audio(store: StateStore, session_id: str, samples: int, max_ahead_s: f
     time: its audio waits on Kafka and is generated when the stage is back. ``max_backlog_s`` bounds
     that wait (audio accepted but not yet generated, :func:`queued_seconds`) as a safety limit.
     """
+    key = store.k("cursor", session_id)
+    accepted, lane_block, credit_raw, t_raw = store.r.hmget(key, "accepted_samples", "lane_block", "pace_credit",
+                                                            "pace_t")          # one round trip for every read
     if max_backlog_s is not None:
-        q = queued_seconds(store, session_id, rate=rate)
+        q = queued_from(accepted, lane_block, rate=rate)
         if q > max_backlog_s:
             raise Backpressure(f"session {session_id} has {q:.1f} s of audio queued and not yet generated "
                                f"(limit {max_backlog_s:g} s); retry later")
-    key = store.k("cursor", session_id)
     now = time.time() if now is None else now
-    credit_raw, t_raw = store.r.hget(key, "pace_credit"), store.r.hget(key, "pace_t")
     credit = max_ahead_s if credit_raw is None else float(credit_raw)
     credit = min(max_ahead_s, credit + max(0.0, now - (now if t_raw is None else float(t_raw))))
     if credit < 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 from pydantic import Field
 
@@ -42,6 +43,11 @@ class GracefulStop:
     @property
     def stopping(self) -> bool:
         return self.event.is_set()
+
+
+#: How often a worker loop exports its consumer lag: each export asks the broker for the end offsets (a
+#: request per call), so once a second rather than on every poll (5 a second when idle).
+LAG_EXPORT_S = 1.0
 
 
 def update_lag(consumer, service: str) -> dict[str, int]:
@@ -97,6 +103,7 @@ def run_consume_loop(name: str, settings: WorkerSettings, consumer, producer, ha
     health = HealthServer(settings.health_host, settings.health_port, is_ready, name).start()
     log.info("started", health_port=health.port)
     last_hold: dict = {}
+    next_lag = 0.0
     try:
         while not stop.stopping:
             batch = consumer.poll(timeout_ms=settings.poll_ms)
@@ -111,9 +118,11 @@ def run_consume_loop(name: str, settings: WorkerSettings, consumer, producer, ha
                 producer.flush()
                 commit_durable(consumer, hold)
                 last_hold = hold
-            update_lag(consumer, name)
-            if active_sessions is not None:
-                ACTIVE_SESSIONS.labels(name).set(active_sessions())
+            if time.monotonic() >= next_lag:
+                next_lag = time.monotonic() + LAG_EXPORT_S
+                update_lag(consumer, name)
+                if active_sessions is not None:
+                    ACTIVE_SESSIONS.labels(name).set(active_sessions())
     finally:
         log.info("stopping: draining")
         producer.flush()

@@ -65,7 +65,7 @@ from services.common.messages import (
     tensor_to_torch,
 )
 from services.common.redis_state import StateStore
-from services.common.worker import GracefulStop, WorkerSettings, update_lag
+from services.common.worker import LAG_EXPORT_S, GracefulStop, WorkerSettings, update_lag
 
 SERVICE = "lane"
 log = get_logger(SERVICE)
@@ -138,6 +138,7 @@ class KafkaLaneSource:
         self.serving: _Serving | None = None
         self.session_no = 0
         self._last_commit = 0.0
+        self._next_lag = 0.0
         self._silence: torch.Tensor | None = None
         store.register_lane(s.lane_id, s.lane_partition, s.lane_pool)
         threading.Thread(target=self._heartbeat, daemon=True).start()
@@ -152,25 +153,25 @@ class KafkaLaneSource:
                 log.warning("lane heartbeat failed", error=str(exc))
             time.sleep(2)
 
-    def _commit(self) -> None:
+    def _commit(self, lane_block: int) -> None:
         """Commit the offset of the first block a restart would replay (never past an unemitted block)."""
         sv = self.serving
         if sv is None:
             return
-        resume = self.store.cursor_int(sv.session_id, "lane_block") + 1
+        resume = lane_block + 1
         first = max(sv.replay_from, resume - self.config.dit.kv_cache_blocks)
         if first in self.offsets:
             self.consumer.commit({self.tp: OffsetAndMetadata(self.offsets[first], None, -1)})
             for b in [b for b in self.offsets if b < first]:
                 del self.offsets[b]
 
-    def _export_lag(self) -> None:
+    def _export_lag(self, lane_block: int) -> None:
         """Lag of this lane in blocks: unread on Kafka + read (started or not) but not yet emitted."""
         kafka_lag = update_lag(self.consumer, SERVICE).get(self.tp.topic, 0)
         sv = self.serving
         in_flight = 0
         if sv is not None:
-            in_flight = max(0, sv.max_seen - self.store.cursor_int(sv.session_id, "lane_block"))
+            in_flight = max(0, sv.max_seen - lane_block)
         QUEUE_LAG.labels(SERVICE, self.tp.topic).set(kafka_lag + in_flight)   # in_flight includes read-ahead
 
     def _resume(self) -> None:
@@ -206,8 +207,12 @@ class KafkaLaneSource:
     def get(self, timeout: float):
         now = time.monotonic()
         if now - self._last_commit > 0.5:
-            self._commit()
-            self._export_lag()
+            sv = self.serving                 # one read of the decoder's cursor serves the commit and the lag
+            lane_block = self.store.cursor_int(sv.session_id, "lane_block") if sv is not None else -1
+            self._commit(lane_block)
+            if now >= self._next_lag:         # the end offsets are a broker request: once a second is enough
+                self._export_lag(lane_block)
+                self._next_lag = now + LAG_EXPORT_S
             self._last_commit = now
         if not self.pending:
             batch = self.consumer.poll(timeout_ms=int(timeout * 1000))

@@ -29,8 +29,8 @@ from kafka import KafkaProducer
 from services.common import events
 from services.common.logging import get_logger
 from services.common.messages import AudioIn
-from services.common.redis_state import StateStore
-from services.common.session_io import Backpressure, admit_audio, publish_pcm, publish_start, queued_seconds, send
+from services.common.redis_state import SessionRecord, StateStore
+from services.common.session_io import Backpressure, admit_audio, publish_pcm, publish_start, queued_from, send
 from services.session_api.errors import api_error
 from services.session_api.metrics import AUDIO_SECONDS, EVENT_LOOP_LAG, EVENT_LOOP_LAG_MAX
 from services.session_api.schemas import SessionOptions
@@ -132,10 +132,17 @@ async def _send_end(st: AppState, sid: str, tenant: str, reason: str) -> None:
 # ---- the ticker (on the replica holding the session's timer lease) -------------------------------------
 
 def _probe(store: StateStore, leases: Leases, sid: str):
-    rec = store.get_session(sid)
-    if rec is None:
+    """The session record, its timer state, its queued audio and last generated block: one round trip (the
+    ticker asks ten times a second)."""
+    p = store.r.pipeline(transaction=False)
+    p.hgetall(store.k("session", sid))
+    p.hgetall(leases.timer_key(sid))
+    p.hmget(store.k("cursor", sid), "accepted_samples", "lane_block")
+    raw, timer, (accepted, lane_block) = p.execute()
+    if not raw:
         return None, {}, 0.0, -1
-    return rec, leases.timer(sid), queued_seconds(store, sid), store.cursor_int(sid, "lane_block")
+    return (SessionRecord.from_redis(raw), {k.decode(): v.decode() for k, v in timer.items()},
+            queued_from(accepted, lane_block), -1 if lane_block is None else int(lane_block))
 
 
 def _publish(store: StateStore, leases: Leases, producer: KafkaProducer, tenant: str, event: events.Event,

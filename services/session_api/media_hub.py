@@ -73,6 +73,8 @@ class MediaHub:
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="media-hub", daemon=True)
         self.ready = threading.Event()
+        # connections waiting for news of a session: (their loop, their event), woken from the reader thread
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
 
     def start(self) -> MediaHub:
         self.thread.start()
@@ -142,6 +144,11 @@ class MediaHub:
             elif h.kind == "end" and not sm.ended:                   # a replayed end carries no tail
                 sm.ended, sm.tail = True, data
             sm.updated = time.monotonic()
+            for loop, event in self._waiters.get(h.session_id, ()):
+                try:
+                    loop.call_soon_threadsafe(event.set)
+                except RuntimeError:                                 # that connection's loop is closed
+                    pass
 
     def _sweep(self) -> None:
         """Forget sessions whose media ended a while ago, or that sent nothing for a long time."""
@@ -162,35 +169,55 @@ class MediaHub:
             return -1 if sm is None else sm.delivered
 
     async def pieces(self, session_id: str, from_block: int | None = None,
-                     poll_s: float = 0.05) -> AsyncIterator[MediaPiece]:
+                     recheck_s: float = 1.0) -> AsyncIterator[MediaPiece]:
         """The init segment, then fragments from ``from_block`` (default: the block after the last one
-        delivered on an earlier connection of this session), then the end with the last audio."""
+        delivered on an earlier connection of this session), then the end with the last audio.
+
+        Between looks it waits for the reader thread's word that the session has news (and looks anyway
+        after ``recheck_s``) rather than polling, so a connection costs no wake-ups while nothing comes."""
         sent_init = False
         nxt = from_block
-        while True:
-            with self.lock:
-                sm = self.sessions.get(session_id)
-                init = sm.init if sm else b""
-                if nxt is None and sm is not None and init:
-                    nxt = sm.delivered + 1
-                    if sm.fragments and nxt < next(iter(sm.fragments)):
-                        nxt = next(iter(sm.fragments))    # older blocks are no longer buffered
-                ready = [] if sm is None or nxt is None else [(b, d) for b, d in sm.fragments.items() if b >= nxt]
-                ended, tail = (sm.ended, sm.tail) if sm else (False, b"")
-            if init and not sent_init:
-                sent_init = True
-                yield MediaPiece("init", -1, init)
-            for b, d in ready:
-                yield MediaPiece("fragment", b, d)
+        news = asyncio.Event()
+        me = (asyncio.get_running_loop(), news)
+        with self.lock:
+            self._waiters.setdefault(session_id, set()).add(me)
+        try:
+            while True:
+                news.clear()                  # before looking: news that comes after the look ends the wait
                 with self.lock:
                     sm = self.sessions.get(session_id)
-                    if sm is not None:
-                        sm.delivered = max(sm.delivered, b)
-                nxt = b + 1
-            if ended and not ready and sent_init:
-                yield MediaPiece("end", -1, tail)
-                return
-            await asyncio.sleep(poll_s)
+                    init = sm.init if sm else b""
+                    if nxt is None and sm is not None and init:
+                        nxt = sm.delivered + 1
+                        if sm.fragments and nxt < next(iter(sm.fragments)):
+                            nxt = next(iter(sm.fragments))    # older blocks are no longer buffered
+                    ready = [] if sm is None or nxt is None else [(b, d) for b, d in sm.fragments.items()
+                                                                  if b >= nxt]
+                    ended, tail = (sm.ended, sm.tail) if sm else (False, b"")
+                if init and not sent_init:
+                    sent_init = True
+                    yield MediaPiece("init", -1, init)
+                for b, d in ready:
+                    yield MediaPiece("fragment", b, d)
+                    with self.lock:
+                        sm = self.sessions.get(session_id)
+                        if sm is not None:
+                            sm.delivered = max(sm.delivered, b)
+                    nxt = b + 1
+                if ended and not ready and sent_init:
+                    yield MediaPiece("end", -1, tail)
+                    return
+                try:
+                    await asyncio.wait_for(news.wait(), recheck_s)
+                except TimeoutError:
+                    pass
+        finally:
+            with self.lock:
+                waiting = self._waiters.get(session_id)
+                if waiting is not None:
+                    waiting.discard(me)
+                    if not waiting:
+                        del self._waiters[session_id]
 
 
 class MediaStream:

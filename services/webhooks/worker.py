@@ -31,7 +31,7 @@ from services.common.health import QUEUE_LAG, HealthServer
 from services.common.kafka import make_consumer
 from services.common.logging import get_logger
 from services.common.redis_state import StateStore
-from services.common.worker import GracefulStop, update_lag
+from services.common.worker import LAG_EXPORT_S, GracefulStop, update_lag
 from services.webhooks.settings import WebhookSettings
 
 SERVICE = "webhooks"
@@ -173,6 +173,7 @@ class Dispatcher:
                                  max_poll_records=s.webhook_max_records, max_poll_interval_ms=poll_interval_ms)
         health = HealthServer(s.health_host, s.health_port, self._is_ready, SERVICE).start()
         log.info("started", health_port=health.port)
+        next_lag = 0.0
         try:
             while not self.stop.stopping:
                 batch = consumer.poll(timeout_ms=s.poll_ms)
@@ -181,7 +182,9 @@ class Dispatcher:
                     commit = self.deliver_batch(batch)
                     if commit:                 # stopping mid-batch: what is not done stays uncommitted
                         consumer.commit(commit)
-                update_lag(consumer, SERVICE)
+                if time.monotonic() >= next_lag:
+                    next_lag = time.monotonic() + LAG_EXPORT_S
+                    update_lag(consumer, SERVICE)
         finally:
             log.info("stopping")
             self.pool.shutdown(wait=True, cancel_futures=True)

@@ -144,6 +144,10 @@ class FakeRedis:
         _off_loop("redis.hgetall")
         return dict(self.kv.get(k, {}))
 
+    def hmget(self, k, *fields):
+        _off_loop("redis.hmget")
+        return [self.kv.get(k, {}).get(self._b(f)) for f in fields]
+
     def hincrby(self, k, f, n):
         _off_loop("redis.hincrby")
         with self.lock:
@@ -187,7 +191,7 @@ class FakeRedis:
 
         func(Tx())
 
-    def pipeline(self):
+    def pipeline(self, transaction=True):
         redis, calls = self, []
 
         class Pipe:
