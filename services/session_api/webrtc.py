@@ -6,7 +6,10 @@ client), starting at the live edge (the newest buffered block). The fMP4 pieces 
 one PyAV demuxer/decoder thread, exactly as a player reads a live stream: H.264 frames and AAC audio with
 the stream's own timestamps (edit list applied). Audio is resampled to 48 kHz mono in 20 ms frames for
 Opus. Both tracks release their frames against **one shared clock** keyed by stream time, so what leaves
-the server is time-aligned; when the session falls behind real time the clock shifts for both tracks.
+the server is time-aligned; when the session falls behind real time (a stall) the clock shifts for both
+tracks. The frames' RTP timestamps are their send times on that clock: stream time plus the stalls before
+it, the same for both tracks. A stall is then a gap in both RTP timelines (what a receiver expects of a live
+source that paused), not late packets its jitter buffer would read as network delay and grow for.
 
 ICE uses host candidates only (no STUN/TURN servers are configured): the client must reach this server's
 addresses directly. A peer ends when the session's stream ends, the connection fails or closes, or it has
@@ -16,10 +19,13 @@ not connected within :data:`CONNECT_TIMEOUT_S`.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import math
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from fractions import Fraction
 
 import av
@@ -43,29 +49,43 @@ PEERS: dict[str, set[SessionPeer]] = {}
 
 
 class SharedClock:
-    """Stream time -> wall time, shared by a peer's tracks: the first frame anchors it; late frames move it."""
+    """Stream time -> send time, shared by a peer's tracks. The first frame anchors it (send time = stream
+    time). A frame later than :data:`MAX_LATE_S` (the session fell behind real time) delays the stream from
+    that frame's time on by how late it is; the delay is a function of stream time, so both tracks' frames
+    of the same stream time get the same send time. ``now`` and ``sleep`` are injectable for tests."""
 
-    def __init__(self):
-        self.base: float | None = None            # wall time of stream time 0
+    def __init__(self, now: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        self.now, self.sleep = now, sleep
+        self.base: float | None = None            # wall time of send time 0
+        self.delays: list[tuple[float, float]] = []   # (stream time, the total delay from it on), ascending
+        self.released = -math.inf                 # the latest stream time released by any track
 
-    async def wait(self, t: float) -> None:
-        now = time.monotonic()
+    def delay(self, t: float) -> float:
+        """Seconds the stalls before stream time ``t`` delay it (0 before the first stall)."""
+        i = bisect.bisect_right(self.delays, (t, math.inf)) - 1
+        return self.delays[i][1] if i >= 0 else 0.0
+
+    async def wait(self, t: float) -> float:
+        """Wait until stream time ``t`` is due; return its send time (seconds; the frame's RTP time)."""
         if self.base is None:
-            self.base = now - t
-        due = self.base + t
-        if due > now:
-            await asyncio.sleep(due - now)
-        elif now - due > MAX_LATE_S:              # the session fell behind real time: wait for it, both tracks
-            self.base += now - due
+            self.base = self.now() - t
+        while (ahead := self.base + t + self.delay(t) - self.now()) > 0:
+            await self.sleep(ahead)               # (again if a stall meanwhile delayed t too)
+        if -ahead > MAX_LATE_S and t > self.released:   # a stall: t and all after it are later, both tracks
+            self.delays.append((t, self.delay(t) - ahead))
+        self.released = max(self.released, t)
+        return t + self.delay(t)
 
 
 class SessionTrack(MediaStreamTrack):
     """A track fed by the decoder thread with (stream time, frame); ``recv`` releases them on the clock."""
 
-    def __init__(self, kind: str, clock: SharedClock, per_second: float):
+    def __init__(self, kind: str, clock: SharedClock, per_second: float, rate: int):
         super().__init__()
         self.kind = kind
         self.clock = clock
+        self.rate = rate                            # the RTP clock (Hz); frames come with time_base 1/rate
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=max(2, int(QUEUE_S * per_second)))
         self.sent = 0
         self.last_time: float | None = None
@@ -85,7 +105,8 @@ class SessionTrack(MediaStreamTrack):
             self.stop()
             raise MediaStreamError
         t, frame = item
-        await self.clock.wait(t)
+        send = await self.clock.wait(t)
+        frame.pts = round(t * self.rate) + round((send - t) * self.rate)   # stream time + stalls, exact per track
         self.sent += 1
         self.last_time = t
         return frame
@@ -127,8 +148,8 @@ class SessionPeer:
     def __init__(self, session_id: str, stream: MediaStream):
         self.session_id, self.stream = session_id, stream
         self.clock = SharedClock()
-        self.video = SessionTrack("video", self.clock, 25)
-        self.audio = SessionTrack("audio", self.clock, AUDIO_RATE / AUDIO_FRAME)
+        self.video = SessionTrack("video", self.clock, 25, VIDEO_CLOCK)
+        self.audio = SessionTrack("audio", self.clock, AUDIO_RATE / AUDIO_FRAME, AUDIO_RATE)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self._stop = threading.Event()
         self._tasks: list[asyncio.Task] = []

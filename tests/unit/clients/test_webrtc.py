@@ -1,12 +1,14 @@
 """``POST /v1/sessions/{id}/webrtc`` against the real app (uvicorn in this process; the stand-ins of
 test_session_api) with an aiortc client: one video and one audio track, the session's size, 25 fps, and
-time-aligned: a white frame and a tone burst made at the same stream time arrive together."""
+time-aligned: a white frame and a tone burst made at the same stream time arrive together. The tracks' RTP
+timestamps across a stall (the session behind real time) are checked on a fake clock."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from fractions import Fraction
 
 import httpx
 import numpy as np
@@ -141,3 +143,92 @@ def test_a_peer_that_connects_before_the_first_block_gets_it_whatever_other_clie
     assert asyncio.run(read_briefly(edge, 3)) == first                # the peer still gets block 0
     assert asyncio.run(read_briefly(None, 3)) == "timed out"          # (the hub's default would have skipped them)
     assert live_edge(h.hub, sid) == 1                                 # a later peer starts at the newest block
+
+
+# ---- RTP timestamps across a stall ---------------------------------------------------------------------
+
+class _FakeTime:
+    """Wall time that moves only when the clock sleeps or the test says so."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, s: float) -> None:
+        self.t += s
+
+
+@pytest.mark.parametrize("first", ["video", "audio"])
+def test_a_stall_is_a_gap_in_both_rtp_timelines_and_keeps_them_aligned(first):
+    """Blocks of 0.48 s (12 video frames, 24 audio frames of 20 ms); block 3 comes 2 s late (the session
+    fell behind). The frames' RTP times (their pts, which aiortc's encoders turn into RTP timestamps) are
+    their stream time until the stall and stream time + 2 s from block 3 on, on both tracks, whichever
+    track releases block 3 first: a receiver sees a 2 s gap, not 2 s late packets, and A/V stay aligned."""
+    import av
+    from aiortc.codecs.opus import OpusEncoder
+    from aiortc.codecs.vpx import Vp8Encoder
+
+    from services.session_api.webrtc import AUDIO_FRAME, AUDIO_RATE, VIDEO_CLOCK, SessionTrack, SharedClock
+
+    block_s, stall_block, stall_s = 0.48, 3, 2.0
+    fake = _FakeTime()
+    clock = SharedClock(now=fake.now, sleep=fake.sleep)
+    tracks = {"video": SessionTrack("video", clock, 25, VIDEO_CLOCK),
+              "audio": SessionTrack("audio", clock, AUDIO_RATE / AUDIO_FRAME, AUDIO_RATE)}
+
+    def frame(kind):
+        if kind == "video":
+            return av.VideoFrame.from_ndarray(np.full((48, 64, 3), 30, np.uint8), format="rgb24")
+        f = av.AudioFrame.from_ndarray(np.zeros((1, AUDIO_FRAME), np.int16), format="s16", layout="mono")
+        f.sample_rate = AUDIO_RATE
+        return f
+
+    order = {"video": 0 if first == "video" else 1, "audio": 1 if first == "video" else 0}
+    items = [(b, b * block_s + i / 25, "video") for b in range(6) for i in range(12)]
+    items += [(b, b * block_s + j * AUDIO_FRAME / AUDIO_RATE, "audio") for b in range(6) for j in range(24)]
+    items.sort(key=lambda x: (x[1], order[x[2]]))
+
+    async def run():
+        got = {"video": [], "audio": []}
+        t0 = fake.t
+        for b, t, kind in items:
+            arrives = t0 + b * block_s + (stall_s if b >= stall_block else 0.0)   # the block's fragment is here
+            fake.t = max(fake.t, arrives)
+            tracks[kind].offer((t, frame(kind)))
+            out = await tracks[kind].recv()
+            got[kind].append((t, out.pts, fake.t - t0))
+        return got
+
+    got = asyncio.run(run())
+    for kind, rate, step in (("video", VIDEO_CLOCK, VIDEO_CLOCK // 25), ("audio", AUDIO_RATE, AUDIO_FRAME)):
+        ts = [t for t, _, _ in got[kind]]
+        pts = [p for _, p, _ in got[kind]]
+        want = [round(t * rate) + (round(stall_s * rate) if t >= stall_block * block_s - 1e-9 else 0) for t in ts]
+        assert pts == want, kind                                          # stream time, + the stall after it
+        gaps = np.diff(pts)
+        assert sorted(set(gaps.tolist())) == [step, step + round(stall_s * rate)], (kind, set(gaps.tolist()))
+        for t, _, released in got[kind]:                                  # sent on time on the shifted clock
+            assert abs(released - (t + (stall_s if t >= stall_block * block_s - 1e-9 else 0.0))) < 1e-6
+    audio = {round(t * 50): p / AUDIO_RATE for t, p, _ in got["audio"]}
+    for t, p, _ in got["video"]:                                          # aligned: the same RTP time
+        assert abs(p / VIDEO_CLOCK - audio[round(t * 50)]) < 1 / 25 / 10, t
+
+    # aiortc's encoders carry the pts into the RTP timestamps (Opus reports a gap one 20 ms packet late)
+    vp8 = Vp8Encoder()
+    rtp_v = []
+    for _, p, _ in got["video"]:
+        f = frame("video")
+        f.pts, f.time_base = p, Fraction(1, VIDEO_CLOCK)
+        rtp_v.append(vp8.encode(f)[1])
+    assert rtp_v == [p for _, p, _ in got["video"]]
+    opus = OpusEncoder()
+    rtp_a = []
+    for _, p, _ in got["audio"]:
+        f = frame("audio")
+        f.pts, f.time_base = p, Fraction(1, AUDIO_RATE)
+        rtp_a.append(opus.encode(f)[1])
+    jumps = [i for i, d in enumerate(np.diff(rtp_a)) if d != AUDIO_FRAME]
+    assert len(jumps) == 1 and np.diff(rtp_a)[jumps[0]] == AUDIO_FRAME + round(stall_s * AUDIO_RATE)
+    assert jumps[0] - stall_block * 24 in (-1, 0), jumps
