@@ -1,12 +1,13 @@
-"""What one block's VAE decode costs on this CPU, by VAE width and torch thread count.
+"""What one block's VAE decode costs on this CPU, by decoder width and torch thread count.
 
     python bench/vae_decode_bench.py                       # widths 8 and 12, 1 and 2 threads
     python bench/vae_decode_bench.py --widths 12 --threads 1 --repeats 20 --json /tmp/decode.json
 
 A lane's decode rank turns each block's latents (``frames_per_block`` latent frames) into 12 video
 frames with the streaming decoder (``WanVAE.decode_step`` through a warm cache, as the rank does).
-Random weights of the shipped checkpoint's VAE architecture at each width: the cost does not depend
-on the weights. Prints the median seconds per block over ``--repeats`` timed blocks (after two
+Random weights of the shipped checkpoint's VAE architecture with the decoder at each base width
+(``VAEConfig.decoder_dim``; the decoder alone decides the cost, and it does not depend on the weights):
+8 is v1-v3's VAE and v5's narrow decoder, 12 is v4's. Prints the median seconds per block over ``--repeats`` timed blocks (after two
 warm-up blocks) and the share of the 0.48 s a block may take in real time.
 """
 
@@ -34,11 +35,11 @@ BLOCK_SECONDS = 0.48
 
 
 def time_decode(width: int, threads: int, repeats: int, size: int = 64, seed: int = 0) -> dict:
-    """Median wall seconds of ``decode_step`` on one block's latents at VAE base width ``width``."""
+    """Median wall seconds of ``decode_step`` on one block's latents with a decoder of base width ``width``."""
     torch.set_num_threads(threads)
     config = LiveAvatarConfig.load(SHIPPED_SPEC)
     torch.manual_seed(seed)
-    vae = WanVAE(dataclasses.replace(config.vae, dim=width)).eval()
+    vae = WanVAE(dataclasses.replace(config.vae, decoder_dim=width)).eval()
     lat = size // config.vae.stride[1]
     z = torch.randn(1, config.vae.z_dim, config.dit.frames_per_block, lat, lat)   # [1, z, F, h, w]
     state = vae.init_decode_state()
@@ -57,7 +58,7 @@ def time_decode(width: int, threads: int, repeats: int, size: int = 64, seed: in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--widths", default="8,12", help="comma-separated VAE base widths (8: v1-v3, 12: v4)")
+    p.add_argument("--widths", default="8,12", help="comma-separated decoder base widths (8: v1-v3 and v5, 12: v4)")
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--size", type=int, default=64, help="video height = width (the shipped checkpoint's: 64)")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [time_decode(int(w), int(t), args.repeats, args.size) for w in args.widths.split(",") for t in args.threads.split(",")]
     print(f"{platform.processor() or 'cpu'}, torch {torch.__version__}; one block = 0.48 s of video")
-    print("| VAE width | threads | frames | decode s / block | share of real time |")
+    print("| decoder width | threads | frames | decode s / block | share of real time |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['width']} | {r['threads']} | {r['frames']} | {r['seconds_per_block']:.3f} | "

@@ -85,6 +85,9 @@ class VAEConfig:
     in_channels: int = 3  # RGB
     latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+    # Base width of the decoder alone; None = ``dim`` (the real model). A narrower decoder keeps the
+    # encoder and therefore the latent space, so the DiT is unchanged (the tiny v5 checkpoint: 12 / 8).
+    decoder_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
@@ -98,8 +101,10 @@ class VAEConfig:
                 f"VAEConfig: temperal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1}"
                 f" entries, got {len(self.temperal_downsample)}"
             )
-        if any((self.dim * m) % 2 for m in self.dim_mult):
-            raise ValueError("VAEConfig: every stage width dim * dim_mult must be even")
+        if self.decoder_dim is not None and self.decoder_dim <= 0:
+            raise ValueError(f"VAEConfig: decoder_dim must be > 0 or None, got {self.decoder_dim}")
+        if any((w * m) % 2 for w in (self.dim, self.dec_dim) for m in self.dim_mult):
+            raise ValueError("VAEConfig: every stage width (dim or decoder_dim) * dim_mult must be even")
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"VAEConfig: latents_mean and latents_std need z_dim = {self.z_dim} entries")
         if any(s <= 0 for s in self.latents_std):
@@ -117,6 +122,11 @@ class VAEConfig:
         if unknown:
             raise ValueError(f"VAEConfig: unknown config keys {unknown}")
         return cls(**values)
+
+    @property
+    def dec_dim(self) -> int:
+        """The decoder's base width: ``decoder_dim``, or ``dim`` when it is not set."""
+        return self.dim if self.decoder_dim is None else self.decoder_dim
 
     @property
     def temperal_upsample(self) -> tuple[bool, ...]:
@@ -223,7 +233,7 @@ class Decoder3d(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         mults = cfg.dim_mult
-        dims = [cfg.dim * m for m in (mults[-1], *mults[::-1])]  # real: [384, 384, 384, 192, 96]
+        dims = [cfg.dec_dim * m for m in (mults[-1], *mults[::-1])]  # real: [384, 384, 384, 192, 96]
         scale = 1.0 / 2 ** (len(mults) - 2)
         # 1. stem
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)

@@ -20,6 +20,7 @@ model predicts ``v = noise - x0`` at timestep ``t = 1000 * sigma``, so ``x0 = x_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -257,6 +258,150 @@ class VAEStreamStage:
         self.optimizer.step()
         return {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "motion": motion.item(),
                 "mouth": mouth_mse.item(), "prefix": float(prefix)}
+
+
+@dataclass
+class DecoderDistillStage:
+    """A narrower decoder for a trained VAE: distilled from its decoder, on its encoder's latents.
+
+    The encoder (and ``conv1``) of ``student`` are copies of ``teacher``'s and stay frozen, so the
+    latent space, its statistics and the DiT trained on it do not change; only ``student.conv2`` and
+    ``student.decoder`` (of width ``decoder_dim``) learn. Each step decodes the same noised latent
+    with both decoders and grades the student against the ground-truth frames (the VAE losses,
+    mouth-weighted) plus ``distill_weight`` times the MSE to the teacher's frames (whole frame and
+    inside the mouth). Three kinds of step, like the VAE stages that trained the teacher:
+
+    - the first ``image_steps``: ``image_batch`` single frames (the first-frame path);
+    - then even steps: ``batch`` whole clips of ``dataset.num_frames`` frames from an empty cache;
+    - odd steps: the streaming steady state of :class:`VAEStreamStage` (a cache-filling prefix of
+      0..``max_prefix`` chunks without gradients, then ``chunks`` graded chunks, ``crop`` x ``crop``).
+    """
+
+    student: WanVAE
+    teacher: WanVAE
+    dataset: syn.SyntheticDataset          # whole clips (1 + 4k frames)
+    stream_dataset: syn.SyntheticDataset   # at least 1 + 4 (max_prefix + chunks) frames
+    optimizer: torch.optim.Optimizer
+    batch: int = 2
+    image_batch: int = 8
+    image_steps: int = 300
+    stream_batch: int = 4
+    chunks: int = 2
+    max_prefix: int = 12
+    crop: int = 32
+    latent_noise: float = 0.05
+    motion_weight: float = 1.0
+    mouth_weight: float = 1.0
+    distill_weight: float = 1.0
+    edge_weight: float = 0.0               # from step ``edge_from``: the MSE of the frames' Laplacians to the truth's
+    edge_from: int = 0
+    sharp_weight: float = 0.0              # from step ``edge_from``: the frames' Laplacian energy matched to the truth's
+
+    def __post_init__(self) -> None:
+        st = self.student.config.stride[0]
+        if self.stream_dataset.num_frames < 1 + st * (self.max_prefix + self.chunks):
+            raise ValueError(f"DecoderDistillStage: stream clips of {self.stream_dataset.num_frames} frames are "
+                             f"shorter than 1 + {st} * (max_prefix + chunks)")
+        for a, b in ((self.student.encoder, self.teacher.encoder), (self.student.conv1, self.teacher.conv1)):
+            for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+                if not torch.equal(p, q):
+                    raise ValueError(f"DecoderDistillStage: the student's encoder differs from the teacher's ({name})")
+        self.student.encoder.requires_grad_(False)
+        self.student.conv1.requires_grad_(False)
+        self.teacher.eval().requires_grad_(False)
+
+    def _latent(self, x: Tensor, caches: list | None, first: bool, gen: torch.Generator, noise: float) -> Tensor:
+        mu = self.teacher.conv1(self.teacher.encoder(x, caches, first))[:, :self.teacher.config.z_dim]
+        return mu + noise * mu.std() * torch.randn(mu.shape, generator=gen)        # [B, z, n, h, w]
+
+    def _clips(self, data: syn.SyntheticDataset, n: int, frames: slice, gen: torch.Generator,
+               crop: int | None = None) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(data), (n,), generator=gen).tolist()
+        samples = [data.get(i, frames) for i in idx]
+        if crop is None:
+            rows = cols = None
+            x = to_pixels(np.stack([s.frames for s in samples]))                   # [B, 3, T, H, W]
+        else:
+            corners = torch.randint(0, data.size - crop + 1, (n, 2), generator=gen).tolist()
+            rows = [slice(r, r + crop) for r, _ in corners]
+            cols = [slice(c, c + crop) for _, c in corners]
+            x = to_pixels(np.stack([s.frames[:, r, c] for s, r, c in zip(samples, rows, cols, strict=True)]))
+        return x, mouth_masks(samples, slice(None), rows, cols)                    # ..., [B, T, H, W]
+
+    def __call__(self, step: int, gen: torch.Generator) -> dict[str, float]:
+        student, teacher, st = self.student, self.teacher, self.student.config.stride[0]
+        warmup = step < self.image_steps
+        stream = not warmup and step % 2 == 1
+        prefix = 0
+        with torch.no_grad():
+            if warmup:   # one random frame per clip                                   [B, 3, 1, H, W]
+                k = int(torch.randint(0, self.dataset.num_frames, (1,), generator=gen))
+                x, mouth = self._clips(self.dataset, self.image_batch, slice(k, k + 1), gen)
+            elif not stream:
+                x, mouth = self._clips(self.dataset, self.batch, slice(None), gen)
+            else:
+                prefix = int(torch.randint(0, self.max_prefix + 1, (1,), generator=gen))
+                frames = 1 + st * (prefix + self.chunks)
+                x, mouth = self._clips(self.stream_dataset, self.stream_batch, slice(0, frames), gen, self.crop)
+            enc: list = [None] * teacher.num_encoder_caches
+            dec_t: list = [None] * teacher.num_decoder_caches
+            dec_s: list = [None] * student.num_decoder_caches
+            split = 1 + st * prefix if prefix else 0
+            noise = 0.0 if warmup else self.latent_noise
+            if prefix:   # fill all three caches with the prefix, as streaming does
+                z = self._latent(x[:, :, :split], enc, True, gen, noise)
+                teacher.decoder(teacher.conv2(z), dec_t, True)
+                student.decoder(student.conv2(z), dec_s, True)
+            target, mouth = x[:, :, split:], mouth[:, split:]
+            z = self._latent(target, enc, prefix == 0, gen, noise)
+            ref = teacher.decoder(teacher.conv2(z), dec_t, prefix == 0)             # [B, 3, T', H, W]
+        recon = student.decoder(student.conv2(z), dec_s, prefix == 0)
+        mse, l1, motion, mouth_mse = reconstruction_losses(recon, target, mouth)
+        d_mse, _, _, d_mouth = reconstruction_losses(recon, ref, mouth)
+        loss = mse + 0.1 * l1 + self.motion_weight * motion + self.mouth_weight * mouth_mse
+        loss = loss + self.distill_weight * (d_mse + self.mouth_weight * d_mouth)
+        edge = torch.zeros(())
+        if self.edge_weight and step >= self.edge_from:   # the distilled MSE alone blurs: keep the truth's edges
+            edge = F.mse_loss(laplacian(recon), laplacian(target))
+            loss = loss + self.edge_weight * edge
+        sharp = torch.zeros(())
+        if self.sharp_weight and step >= self.edge_from:   # MSE-type losses pull to the blurry mean: match the energy
+            sharp = laplacian_energy_gap(recon, target)
+            loss = loss + self.sharp_weight * sharp
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item(), "mse": mse.item(), "mouth": mouth_mse.item(), "distill": d_mse.item(),
+                "distill_mouth": d_mouth.item(), "edge": edge.item(), "sharp": sharp.item(), "prefix": float(prefix), "stream": float(stream)}
+
+
+def laplacian(video: Tensor) -> Tensor:
+    """The 2-D Laplacian of every frame and channel (zero padding): [B, C, T, H, W] -> the same shape."""
+    b, c, t, h, w = video.shape
+    kernel = video.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    frames = video.permute(0, 2, 1, 3, 4).reshape(b * t * c, 1, h, w)
+    return F.conv2d(frames, kernel, padding=1).view(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def laplacian_energy_gap(recon: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+    """The squared log-ratio of the frames' Laplacian energies, per clip and frame, averaged:
+    0 when ``recon`` has exactly ``target``'s edge energy whatever its edges' positions.
+    [B, C, T, H, W] x2 -> scalar. Unlike an MSE it does not favour the blur of an uncertain mean."""
+    e_r = laplacian(recon).pow(2).mean(dim=(1, 3, 4))                              # [B, T]
+    e_t = laplacian(target).pow(2).mean(dim=(1, 3, 4))                             # [B, T]
+    return (torch.log(e_r + eps) - torch.log(e_t + eps)).pow(2).mean()
+
+
+def narrow_decoder_student(teacher: WanVAE, decoder_dim: int, seed: int) -> WanVAE:
+    """A VAE with ``teacher``'s encoder (copied) and a fresh, inflation-initialised decoder of base
+    width ``decoder_dim`` (:class:`DecoderDistillStage` trains it)."""
+    cfg = dataclasses.replace(teacher.config, decoder_dim=decoder_dim)
+    torch.manual_seed(seed)
+    student = inflated_init_(WanVAE(cfg))
+    student.encoder.load_state_dict(teacher.encoder.state_dict())
+    student.conv1.load_state_dict(teacher.conv1.state_dict())
+    student.conv2.load_state_dict(teacher.conv2.state_dict())
+    return student
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@
     liveavatar train --out runs/train --install             # ... and replace the shipped checkpoint
     liveavatar train --out runs/quick --quick               # a few steps of every stage (smoke run)
     liveavatar train --out runs/train --probes              # also the quality-harness probes
+    liveavatar train --out runs/v5 --decoder-from models/checkpoints/liveavatar-tiny
+                                                            # only stage 1c: narrow a trained bundle's decoder
 
 Every stage shows a progress bar and checkpoints under ``--out``; rerunning the same command
 resumes where it stopped.
@@ -31,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--install", action="store_true", help="copy the result over the shipped checkpoint "
                    "(models/checkpoints/liveavatar-tiny)")
     p.add_argument("--probes", action="store_true", help="also train the quality-harness probes")
+    p.add_argument("--decoder-from", default=None, metavar="DIR",
+                   help="run only stage 1c on the trained bundle DIR: distil a narrower decoder "
+                   "(width decoder_dim) from its VAE and write DIR's bundle with it")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -62,14 +67,19 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         from models.checkpoints import SHIPPED_CHECKPOINT
-        from models.training.recipe import TrainConfig, train_all
+        from models.training.recipe import TrainConfig, train_all, train_decoder_from
 
         torch.set_num_threads(args.threads)
         cfg = _overrides(TrainConfig.quick() if args.quick else TrainConfig(), args.set)
         examples = Path(args.examples) if args.examples else default_examples()
         if examples is not None and not examples.is_dir():
             raise FileNotFoundError(f"examples folder not found: {examples}")
-        report = train_all(cfg, args.out, examples, progress=not args.no_progress)
+        if args.decoder_from is not None:
+            if not Path(args.decoder_from).is_dir():
+                raise FileNotFoundError(f"--decoder-from: no checkpoint folder at {args.decoder_from}")
+            report = train_decoder_from(cfg, args.decoder_from, args.out, examples, progress=not args.no_progress)
+        else:
+            report = train_all(cfg, args.out, examples, progress=not args.no_progress)
         print(json.dumps(report.summary(), indent=2))
         if args.install:
             if SHIPPED_CHECKPOINT.exists():

@@ -46,6 +46,8 @@ def test_shipped_checkpoint_loads_through_the_normal_path_and_matches_the_recipe
     assert not models.random_weights
     recipe = TrainConfig().model_config()
     assert config.dit == recipe.dit and config.audio == recipe.audio and config.text == recipe.text
+    # v5: the recipe's narrow decoder (stage 1c) beside the VAE's width-12 encoder
+    assert config.vae.dim == recipe.vae.dim and config.vae.decoder_dim == TrainConfig().decoder_dim < config.vae.dim
     # the VAE latent statistics were fitted on the trained VAE (not the Wan2.1 constants)
     assert config.vae.latents_mean != recipe.vae.latents_mean
     # loading twice gives the same weights (nothing random is left in the loaded model)

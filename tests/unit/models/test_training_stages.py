@@ -331,3 +331,73 @@ def test_vae_dim_widens_only_the_vae():
     assert wide.vae == dataclasses.replace(VAEConfig.tiny(), dim=12) and wide.dit == base.dit
     narrow, wider = (sum(p.numel() for p in WanVAE(c.vae).parameters()) for c in (base, wide))
     assert 2.0 < wider / narrow < 2.4           # conv weights scale with the width squared
+
+
+def test_decoder_distill_stage_moves_only_the_decoder_toward_the_teacher():
+    """Stage 1c (v5): the narrow student keeps the teacher's encoder bit for bit (same latents, so the DiT
+    needs no retraining), and its decoded frames move toward the teacher's on a fixed evaluation clip."""
+    from models.training.stages import DecoderDistillStage, narrow_decoder_student
+
+    torch.manual_seed(0)
+    teacher = inflated_init_(WanVAE(VAEConfig.tiny())).eval()
+    student = narrow_decoder_student(teacher, decoder_dim=4, seed=1)
+    assert student.config.dec_dim == 4 and student.config.dim == teacher.config.dim
+    data = syn.SyntheticDataset(_speech(), [5], num_frames=1 + 4 * 2, seed=1, epoch_size=1)
+    opt = torch.optim.Adam(list(student.conv2.parameters()) + list(student.decoder.parameters()), lr=3e-3)
+    stage = DecoderDistillStage(student, teacher, data, data, opt, batch=1, image_batch=2, image_steps=10,
+                                stream_batch=1, chunks=1, max_prefix=1, crop=16, distill_weight=4.0,
+                                edge_weight=0.5, sharp_weight=0.2, edge_from=20)
+    x = to_pixels(data[0].frames)                                                    # [1, 3, 9, H, W]
+
+    def to_teacher() -> float:
+        with torch.no_grad():
+            z = teacher.conv1(teacher.encoder(x))[:, :teacher.config.z_dim]
+            return (student.decoder(student.conv2(z)) - teacher.decoder(teacher.conv2(z))).square().mean().item()
+
+    encoder_before = {k: v.clone() for k, v in student.encoder.state_dict().items()}
+    before = to_teacher()
+    metrics = [stage(step, torch.Generator().manual_seed(step)) for step in range(30)]
+    assert {m["stream"] for m in metrics} == {0.0, 1.0}
+    assert all(m["edge"] == 0 for m in metrics[:20]) and all(m["edge"] > 0 for m in metrics[20:])
+    assert all(m["sharp"] == 0 for m in metrics[:20]) and all(m["sharp"] > 0 for m in metrics[20:])
+    assert to_teacher() < 0.5 * before
+    for name, value in student.encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[name]) and torch.equal(value, teacher.encoder.state_dict()[name])
+    with torch.no_grad():
+        assert torch.equal(student.encode(x), teacher.encode(x))
+
+    other = narrow_decoder_student(WanVAE(VAEConfig.tiny()), decoder_dim=4, seed=1)
+    with pytest.raises(ValueError, match="encoder differs"):
+        DecoderDistillStage(other, teacher, data, data, opt, batch=1, chunks=1, max_prefix=1, crop=16)
+
+
+def test_laplacian_is_the_five_point_stencil_of_every_frame_and_channel():
+    """The sharpness loss of stage 1c: a float64 numpy reference of the 5-point Laplacian (zero padding)."""
+    from models.training.stages import laplacian
+
+    x = torch.randn(2, 3, 4, 6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = np.pad(x.numpy(), [(0, 0)] * 3 + [(1, 1), (1, 1)])
+    ref = p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:] - 4 * p[..., 1:-1, 1:-1]
+    np.testing.assert_allclose(laplacian(x).numpy(), ref, rtol=0, atol=1e-12)
+
+
+def test_laplacian_energy_gap_is_the_log_ratio_of_edge_energies_and_raises_a_blurred_frame():
+    """The sharpness-matching loss of stage 1c: zero for equal edge energy wherever the edges are, the
+    float64 squared log-ratio per clip and frame otherwise, and its gradient sharpens a blurred copy."""
+    from models.training.stages import laplacian, laplacian_energy_gap
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 8, 8, generator=gen, dtype=torch.float64)
+    assert laplacian_energy_gap(x, x).item() == 0.0
+    assert laplacian_energy_gap(torch.roll(x, 3, dims=-1), x).item() < 0.05   # same texture, moved: ~no gap
+    y = 0.5 * x
+    e_y, e_x = (laplacian(y).numpy() ** 2).mean(axis=(1, 3, 4)), (laplacian(x).numpy() ** 2).mean(axis=(1, 3, 4))
+    ref = ((np.log(e_y + 1e-8) - np.log(e_x + 1e-8)) ** 2).mean()
+    np.testing.assert_allclose(laplacian_energy_gap(y, x).item(), ref, rtol=1e-12)
+
+    blurred = ((x + torch.roll(x, 1, dims=-1) + torch.roll(x, 1, dims=-2)) / 3).requires_grad_(True)
+    gap = laplacian_energy_gap(blurred, x)
+    gap.backward()
+    stepped = (blurred - 0.1 * blurred.grad).detach()
+    energy = lambda v: laplacian(v).pow(2).mean().item()                         # noqa: E731
+    assert energy(blurred) < energy(stepped) and laplacian_energy_gap(stepped, x).item() < gap.item()

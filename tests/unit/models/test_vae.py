@@ -301,6 +301,40 @@ def test_tiny_config_keeps_latent_space():
         VAEConfig(temperal_downsample=(True,))
 
 
+def test_narrow_decoder_keeps_the_encoder_and_streams_like_its_full_decode():
+    """``decoder_dim`` (v5's 8 beside an encoder of 12) narrows the decoder alone: the encoder's weights
+    and so its latents are those of the full-width VAE, the decoder has fewer parameters, and its
+    streaming decode matches its one-shot decode to float64 rounding."""
+    wide = VAEConfig.tiny()
+    narrow = VAEConfig(**{**wide.__dict__, "decoder_dim": wide.dim // 2})
+    assert narrow.dec_dim == wide.dim // 2 and wide.dec_dim == wide.dim
+    with torch.device("meta"):
+        a, b = WanVAE(wide), WanVAE(narrow)
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(a.encoder) == shapes(b.encoder) and shapes(a.conv1) == shapes(b.conv1)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert 3.0 < count(a.decoder) / count(b.decoder) < 4.5     # conv weights scale with the width squared
+    assert VAEConfig.from_dict({k: v for k, v in wide.__dict__.items() if k != "decoder_dim"}) == wide
+    assert VAEConfig.from_dict(dict(narrow.__dict__)) == narrow
+    with pytest.raises(ValueError, match="decoder_dim must be > 0"):
+        VAEConfig(decoder_dim=0)
+    with pytest.raises(ValueError, match="even"):
+        VAEConfig(dim=8, decoder_dim=3)
+
+    torch.set_num_threads(1)
+    torch.manual_seed(2)
+    vae = WanVAE(narrow).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    vae = vae.double()
+    z = torch.randn(1, 16, 7, LATENT_HW, LATENT_HW, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        full = vae.decode(z, clamp=False)
+        streamed = _stream_decode(vae, z, (1, 3, 3))
+    assert_close_dtype(streamed, full, ops=_op_count(vae.conv2, vae.decoder), msg="narrow decoder")
+
+
 # ---------------------------------------------------------------- bad input
 
 
