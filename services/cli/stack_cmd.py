@@ -158,10 +158,12 @@ def settle_previous_run(redis_url: str, namespace: str = "la") -> list[str]:
 def _lane_plan(lanes: int, shape: str, decode_threads: int | None) -> dict:
     """The lanes' shape and decoder threads: as given, or planned for this machine (``auto``)."""
     from pipeline_stages.tpp.shape import parse_shape
-    from services.cli.lane_plan import plan_lanes
+    from services.cli.lane_plan import busy_cores, measure_decode, plan_lanes
 
-    if shape == "auto":
-        plan = plan_lanes(lanes=lanes)
+    if shape == "auto":   # the decode, most of a lane's CPU cost, measured on this machine for the lanes' model
+        busy = busy_cores()                                  # before the measurement keeps a core busy itself
+        costs = measure_decode(os.environ.get("LIVEAVATAR_MODEL_CONFIG", "tiny-trained"), busy=busy)
+        plan = plan_lanes(lanes=lanes, costs=costs, busy=busy)
         return {"shape": plan.shape, "decode_threads": decode_threads or plan.decode_threads,
                 "auto": True, "reason": plan.describe()}
     parse_shape(shape)                     # a bad shape fails before anything starts

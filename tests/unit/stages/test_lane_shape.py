@@ -8,6 +8,7 @@ That every shape gives the sequential runner's latents bit for bit is checked wi
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -153,15 +154,22 @@ def test_the_shape_projection_matches_the_physical_bounds_tpp_and_one_gpu_rows()
 
 # ---- the local plan ------------------------------------------------------------------------------
 
-def test_on_two_cores_the_plan_takes_the_fewest_processes_that_hold_real_time():
-    from services.cli.lane_plan import BLOCK_S, plan_lanes, predict
+def test_on_two_cores_the_plan_keeps_one_decoder_thread_and_takes_the_most_headroom():
+    from services.cli.lane_plan import SHIPPED_COSTS, Costs, plan_lanes, predict
 
-    plan = plan_lanes(cores=2, lanes=1, busy=0.0)
-    assert plan.holds and plan.period_s <= BLOCK_S and plan.decode_threads == 2
-    holding = [(s, t) for s in LaneShape.valid(4) for t in (1, 2) if predict(s, t, 2) <= BLOCK_S]
-    fewest = min(parse_shape(s)[0] + parse_shape(s)[1] for s, _ in holding)
-    assert plan.processes == fewest == 1 and plan.shape == "1"
-    assert "holds real time" in plan.describe() and "lane shape 1" in plan.describe()
+    fast = Costs(decode_wall_s={1: 0.30, 2: 0.20}, decode_cpu_s={1: 0.30, 2: 0.45})   # a v5-like decoder
+    plan = plan_lanes(cores=2, lanes=1, busy=0.0, costs=fast)
+    assert plan.holds and plan.decode_threads == 1          # a second decoder thread would fight the services
+    best = min(predict(s, 1, 2, 1, fast) for s in LaneShape.valid(4))
+    assert plan.period_s == pytest.approx(best, abs=1e-3) and best < predict("1", 1, 2, 1, fast)
+    tied = [s for s in LaneShape.valid(4) if round(predict(s, 1, 2, 1, fast), 2) == round(best, 2)]
+    fewest = min(parse_shape(s)[0] + parse_shape(s)[1] for s in tied)
+    assert plan.processes == fewest == 2 and plan.shape == "1+1"
+    assert "holds real time" in plan.describe() and "lane shape 1+1" in plan.describe()
+    assert plan_lanes(cores=4, lanes=1, busy=0.0, costs=fast).decode_threads in (1, 2)   # 4 cores may give 2
+    shipped = plan_lanes(cores=2, lanes=1, busy=0.0)        # v4's decoder on the reference machine: nothing holds
+    assert not shipped.holds and shipped.decode_threads == 1 and shipped.shape == "1+1"
+    assert shipped.period_s == pytest.approx(min(predict(s, 1, 2, 1, SHIPPED_COSTS) for s in LaneShape.valid(4)), abs=1e-3)
 
 
 def test_when_nothing_holds_the_plan_says_so_and_takes_the_fastest():
@@ -180,3 +188,41 @@ def test_on_a_busy_machine_the_plan_counts_only_the_free_cores_and_spins_no_deco
     assert saturated.period_s == pytest.approx(min(predict(s, 1, 1.0) for s in LaneShape.valid(4)), abs=1e-3)
     assert "busy with other work" in saturated.describe()
     assert plan_lanes(cores=8, lanes=1, busy=3.0).decode_threads == 2   # 5 free cores: the 2-thread decoder fits
+
+
+def test_up_measures_the_decode_of_the_lanes_model_on_this_machine_and_plans_with_it():
+    """The plan's decode costs come from this machine: the tiny model's streaming decoder timed for each
+    thread count the free cores allow, and the plan says so; the constants it replaces stay untouched."""
+    from services.cli.lane_plan import SHIPPED_COSTS, measure_decode, plan_lanes
+
+    idle = measure_decode("tiny", threads=(1, 2), repeats=1, busy=0.0)
+    assert idle.measured and not SHIPPED_COSTS.measured
+    cores = len(os.sched_getaffinity(0))
+    assert set(idle.decode_wall_s) == set(idle.decode_cpu_s) == {t for t in (1, 2) if t <= max(1.0, cores - 0.5)}
+    assert all(v > 0 for v in [*idle.decode_wall_s.values(), *idle.decode_cpu_s.values()])
+    assert (idle.steps, idle.step_cpu_s, idle.services_cpu_s) == (SHIPPED_COSTS.steps, SHIPPED_COSTS.step_cpu_s,
+                                                                   SHIPPED_COSTS.services_cpu_s)
+    saturated = measure_decode("tiny", threads=(1, 2), repeats=1, busy=99.0)   # no free core for a second thread
+    assert set(saturated.decode_wall_s) == {1}
+    plan = plan_lanes(cores=2, lanes=1, busy=0.0, costs=idle)
+    assert plan.measured and plan.decode_wall_s == idle.decode_wall_s and "measured here" in plan.describe()
+    assert "reference machine" in plan_lanes(cores=2, lanes=1, busy=0.0).describe()
+
+
+def test_the_plan_counts_the_cores_busy_now_not_the_trailing_load_average(tmp_path):
+    """busy_cores reads the non-idle share of CPU time over its window from /proc/stat (here a file
+    rewritten during the window: 190 of 290 ticks busy, idle and iowait idle, on 2 CPUs = 1.31 cores), not the load average,
+    which still counts a job that ended a minute ago."""
+    import threading
+
+    from services.cli.lane_plan import busy_cores
+
+    stat = tmp_path / "stat"
+    cpus = "cpu0 1 0 1 1 0 0 0 0 0 0\ncpu1 1 0 1 1 0 0 0 0 0 0\nintr 5\n"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\n" + cpus)
+    timer = threading.Timer(0.05, lambda: stat.write_text("cpu  200 0 190 890 10 0 0 0 0 0\n" + cpus))
+    timer.start()
+    assert busy_cores(seconds=0.3, stat=str(stat)) == pytest.approx(2 * 190 / 290, abs=0.01)
+    timer.join()
+    assert busy_cores(seconds=0.01, stat=str(stat)) == 0.0          # no tick passed: nothing measured busy
+    assert 0.0 <= busy_cores(seconds=0.05) <= len(os.sched_getaffinity(0)) + 0.01   # this machine's
