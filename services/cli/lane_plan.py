@@ -47,9 +47,11 @@ class Costs:
     measured: bool = False                          # the decode costs were measured on this machine
 
 
-#: The shipped tiny-trained model at 64x64 on the reference 2-core machine: the decode from
-#: bench/vae_decode_bench.py (width 12: 0.56 s of one core; 2 threads 0.39 s wall, up to 0.77 CPU s), the
-#: step and the services' share from docs/tpp.md and docs/services.md.
+#: The tiny-trained model at 64x64 on the reference 2-core machine (AMD EPYC): the step and the services'
+#: share from docs/tpp.md and docs/services.md, and the decode of v4's width-12 decoder from
+#: bench/vae_decode_bench.py (0.56 s of one core; 2 threads 0.39 s wall, up to 0.77 CPU s). v5's decoder
+#: costs about half; ``liveavatar up`` replaces the decode with :func:`measure_decode`'s on its machine, so
+#: these decode numbers serve only where nothing is measured (tests, a plan made without a model).
 SHIPPED_COSTS = Costs()
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 
 import av
 import httpx
 import numpy as np
 import pytest
+from liveavatar_client import LiveAvatar
 from PIL import Image
 from websockets.sync.client import connect
 
@@ -35,14 +35,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def _decoded_frames(api_stack, sid: str, key: str, until_block: int) -> list[np.ndarray]:
     """The session's video from block 0 to ``until_block`` (read again from the media WebSocket's buffer),
     decoded by PyAV: RGB frames [H, W, 3]."""
-    data = b""
-    url = f"ws://127.0.0.1:{api_stack['port']}/v1/sessions/{sid}/media?key={key}&from_block=0"
-    with connect(url, max_size=None) as ws:
-        while True:
-            head = json.loads(ws.recv(timeout=60))
-            data += ws.recv(timeout=30) if head["bytes"] else b""
-            if head["type"] == "end" or (head["type"] == "fragment" and head["block"] >= until_block):
-                break
+    with LiveAvatar(api_stack["base"], key, timeout=60) as la:               # the project's own client
+        init, pieces = la.session(sid).read_media(until_block, timeout_s=180, from_block=0)
+    data = init + b"".join(p.data for p in pieces)
     with av.open(io.BytesIO(data)) as c:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 

@@ -44,17 +44,17 @@ import json
 import math
 import shutil
 import subprocess
-import threading
 import time
 
 import av
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+from liveavatar_client import LiveAvatar
 from websockets.sync.client import connect
 
 from models.inputs import load_audio
+from tests.asgi_server import serve_in_thread
 from tests.chromium import ARTIFACTS, CHROMIUM, Cdp, chromium, page_target
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -121,14 +121,9 @@ STATS = """(async () => {
 def _reference(api_stack, sid: str, key: str, last_block: int) -> tuple[list[np.ndarray], np.ndarray, int]:
     """The session's own media, blocks 0..last_block, decoded by PyAV: the video frames' 16x16 luma
     thumbnails (block means, as an independent downscale) and the mono audio with its rate."""
-    data = b""
-    url = f"ws://127.0.0.1:{api_stack['port']}/v1/sessions/{sid}/media?key={key}&from_block=0"
-    with connect(url, max_size=None) as ws:
-        while True:
-            head = json.loads(ws.recv(timeout=60))
-            data += ws.recv(timeout=30) if head["bytes"] else b""
-            if head["type"] == "end" or (head["type"] == "fragment" and head["block"] >= last_block):
-                break
+    with LiveAvatar(api_stack["base"], key, timeout=60) as la:               # the project's own client
+        init, pieces = la.session(sid).read_media(last_block, timeout_s=180, from_block=0)
+    data = init + b"".join(p.data for p in pieces)
     with av.open(io.BytesIO(data)) as c:
         thumbs = []
         for f in c.decode(video=0):
@@ -335,18 +330,9 @@ def api_without_tts():
     from tests.unit.services.test_session_api import Harness
 
     h = Harness(max_queued_audio_s=60.0, tts_backend="none")
-    server = uvicorn.Server(uvicorn.Config(create_app(h.settings, connect=h.connect), host="127.0.0.1", port=0,
-                                           log_level="warning", ws="websockets-sansio"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    _, key = create_tenant(h.store, "page", max_sessions=2)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", key
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(create_app(h.settings, connect=h.connect), ws="websockets-sansio") as port:
+        _, key = create_tenant(h.store, "page", max_sessions=2)
+        yield f"http://127.0.0.1:{port}", key
 
 
 @needs_chromium

@@ -112,8 +112,11 @@ def reference(image: bytes, pcm: np.ndarray, seed: int):
 
 
 #: PSNR floor of the lane's H.264 blocks vs the reference frames (64x64, x264 ultrafast CRF 23 on the
-#: trained tiny model's frames: 35-37 dB measured; a one-level VAE difference changes it by far less)
-BLOCK_PSNR_FLOOR_DB = 32.0
+#: trained tiny model's frames, worst frame of each of the first 4 blocks of both sessions: 31.5-32.2 dB
+#: measured with v5, whose decoder keeps more fine detail than v4's, 35-36 dB with v4). The latents are
+#: checked bit for bit; this only has to tell the right pictures from wrong ones: the next block's
+#: frames in place of a block's score 25.3-28.8 dB on the same inputs, a black frame far less.
+BLOCK_PSNR_FLOOR_DB = 29.0
 
 
 def frames_of(stack, sid):

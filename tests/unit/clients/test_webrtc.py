@@ -216,19 +216,16 @@ def test_a_stall_is_a_gap_in_both_rtp_timelines_and_keeps_them_aligned(first):
         assert abs(p / VIDEO_CLOCK - audio[round(t * 50)]) < 1 / 25 / 10, t
 
     # aiortc's encoders carry the pts into the RTP timestamps (Opus reports a gap one 20 ms packet late)
-    vp8 = Vp8Encoder()
-    rtp_v = []
-    for _, p, _ in got["video"]:
-        f = frame("video")
-        f.pts, f.time_base = p, Fraction(1, VIDEO_CLOCK)
-        rtp_v.append(vp8.encode(f)[1])
-    assert rtp_v == [p for _, p, _ in got["video"]]
-    opus = OpusEncoder()
-    rtp_a = []
-    for _, p, _ in got["audio"]:
-        f = frame("audio")
-        f.pts, f.time_base = p, Fraction(1, AUDIO_RATE)
-        rtp_a.append(opus.encode(f)[1])
+    def rtp_timestamps(encoder, kind: str, clock: int) -> list[int]:
+        out = []
+        for _, p, _ in got[kind]:
+            f = frame(kind)
+            f.pts, f.time_base = p, Fraction(1, clock)
+            out.append(encoder.encode(f)[1])
+        return out
+
+    assert rtp_timestamps(Vp8Encoder(), "video", VIDEO_CLOCK) == [p for _, p, _ in got["video"]]
+    rtp_a = rtp_timestamps(OpusEncoder(), "audio", AUDIO_RATE)
     jumps = [i for i, d in enumerate(np.diff(rtp_a)) if d != AUDIO_FRAME]
     assert len(jumps) == 1 and np.diff(rtp_a)[jumps[0]] == AUDIO_FRAME + round(stall_s * AUDIO_RATE)
     assert jumps[0] - stall_block * 24 in (-1, 0), jumps

@@ -13,16 +13,15 @@ from __future__ import annotations
 import base64
 import os
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from websockets.sync.client import connect
 
 from services.session_api.app import create_app
 from services.session_api.tenants import create_tenant
+from tests.asgi_server import serve_in_thread
 from tests.unit.services.test_session_api import Harness, _create
 
 pytestmark = pytest.mark.unit
@@ -43,23 +42,11 @@ def _as_spec(app, spec: str | None):
 @pytest.fixture(params=[None, "2.4"], ids=["served", "asgi-2.4"])
 def server(request):
     h = Harness(max_queued_audio_s=1000.0)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
     app = _as_spec(create_app(h.settings, connect=h.connect), request.param)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    _, h.key = create_tenant(h.store, "unit", max_sessions=2)
-    port = sock.getsockname()[1]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {h.key}"}) as client:
-        yield h, client, port
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve_in_thread(app) as port:
+        _, h.key = create_tenant(h.store, "unit", max_sessions=2)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {h.key}"}) as client:
+            yield h, client, port
 
 
 def _clients(h, sid: str) -> int:

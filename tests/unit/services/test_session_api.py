@@ -358,27 +358,17 @@ def test_audio_faster_than_real_time_is_refused_with_429_and_nothing_is_sent(api
 def served():
     """The app behind a real uvicorn server (TestClient cancels the app when its socket closes; uvicorn
     does not, and that is what a client that closes at once meets)."""
-    import socket
 
     import httpx
-    import uvicorn
+
+    from tests.asgi_server import serve_in_thread
 
     h = Harness(max_queued_audio_s=1000.0)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(h.settings, connect=h.connect), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    _, h.key = create_tenant(h.store, "unit", max_sessions=2)
-    base = f"127.0.0.1:{sock.getsockname()[1]}"
-    with httpx.Client(base_url=f"http://{base}", headers={"Authorization": f"Bearer {h.key}"}) as client:
-        yield h, client, base
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve_in_thread(create_app(h.settings, connect=h.connect)) as port:
+        _, h.key = create_tenant(h.store, "unit", max_sessions=2)
+        base = f"127.0.0.1:{port}"
+        with httpx.Client(base_url=f"http://{base}", headers={"Authorization": f"Bearer {h.key}"}) as client:
+            yield h, client, base
 
 
 @pytest.mark.parametrize("send_end", [True, False])
