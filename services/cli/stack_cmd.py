@@ -65,7 +65,10 @@ def up(run_dir: Path, lanes: int = 1, timeout_s: float = 300.0, api: bool = True
     threads predicted to keep up on this machine (:func:`services.cli.lane_plan.plan_lanes`);
     ``lane_decode_threads`` overrides the decoder's threads. ``plan`` says what was chosen.
     """
-    lane_plan = _lane_plan(lanes, lane_shape, lane_decode_threads)
+    if lane_shape != "auto":
+        from pipeline_stages.tpp.shape import parse_shape
+
+        parse_shape(lane_shape)                # a bad shape fails before anything starts
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     stack = LocalStack(run_dir)
@@ -74,6 +77,7 @@ def up(run_dir: Path, lanes: int = 1, timeout_s: float = 300.0, api: bool = True
     pid_file = run_dir / SUPERVISOR_PID
     if pid_file.exists() and pid_alive(int(pid_file.read_text())):
         return {"infra": info, "services": service_status(run_dir), "lanes": None}
+    lane_plan = _lane_plan(lanes, lane_shape, lane_decode_threads)    # measures: only when starting lanes
     child_env = {**os.environ, **(env or {}), "LIVEAVATAR_KAFKA_BOOTSTRAP": info.kafka_bootstrap,
                  "LIVEAVATAR_REDIS_URL": info.redis_url, "LIVEAVATAR_JSON_LOGS": "true",
                  "LIVEAVATAR_RUN_DIR": str(run_dir)}
@@ -166,7 +170,7 @@ def _lane_plan(lanes: int, shape: str, decode_threads: int | None) -> dict:
         plan = plan_lanes(lanes=lanes, costs=costs, busy=busy)
         return {"shape": plan.shape, "decode_threads": decode_threads or plan.decode_threads,
                 "auto": True, "reason": plan.describe()}
-    parse_shape(shape)                     # a bad shape fails before anything starts
+    parse_shape(shape)
     return {"shape": shape, "decode_threads": decode_threads, "auto": False,
             "reason": f"lane shape {shape} as asked"}
 

@@ -7,7 +7,7 @@ Every key is namespaced (``<ns>:``, default ``la``) and expires. The layout::
     la:session:{sid}:image      bytes  the uploaded reference image (until the sink is encoded)       TTL 1 h
     la:sink:{sid}               hash   ref / motion / text tensors (wire-encoded), seed                TTL session
     la:anchor:{sid}             bytes  the re-anchored sink latent (block 0's first frame)             TTL session
-    la:cursor:{sid}             hash   audio_seq, audio_pending, features_block, lane_started, lane_block,
+    la:cursor:{sid}             hash   audio_seq, audio_pending, features_block, features_end, lane_started, lane_block,
                                        media_block, acked_block, in_seq, accepted_samples,
                                        pace_credit, pace_t (the API's no-faster-than-real-time bucket)  TTL session
     la:lane:{lane_id}           hash   partition, pool, status, session, heartbeat, drain              TTL heartbeat

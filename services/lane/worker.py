@@ -5,6 +5,10 @@
 - the last rank: the VAE decoder (alone in shape ``D+1``, after its denoising steps in shape ``D``); encodes
   each decoded block to H.264 access units and writes them to ``frames``, and the cursor to Redis.
 
+Rank 0 feeds the ranks one session at a time, in partition order, and nothing of a session after its
+``end`` marker (a re-sent end, a block that raced the end): the ranks have closed that session, so such a
+message is dropped and counted, never fed.
+
 The ranks are :func:`pipeline_stages.tpp.run_rank` with Kafka/Redis-backed sources and outputs; which rank
 does what comes from the lane's shape (``LIVEAVATAR_LANE_SHAPE``, :class:`pipeline_stages.tpp.LaneShape`).
 
@@ -122,6 +126,7 @@ class _Serving:
     replay_from: int
     max_seen: int = -1       # highest block index fed to the lane (idempotence)
     silence: torch.Tensor | None = None   # features of a silent block (idle, interrupt)
+    ended: bool = False      # its end marker was read: what follows it is a leftover
 
 
 class KafkaLaneSource:
@@ -252,6 +257,11 @@ class KafkaLaneSource:
             return item
         if sv is None or h.session_id != sv.session_id:
             return None                                   # an old session's leftovers on this partition
+        if sv.ended:                                      # after its end (a re-sent end, a late block): the
+            DUPLICATES.labels(SERVICE).inc()              # ranks closed the session, a block would fail them
+            log.warning("message after the session's end dropped", session_id=h.session_id, kind=h.kind,
+                        seq=h.seq)
+            return None
         if h.kind == "block":
             b = h.seq
             if b < sv.replay_from or b <= sv.max_seen:
@@ -262,6 +272,7 @@ class KafkaLaneSource:
             return Block(sv.session_no, b, tensor_to_torch(msg.tensors["features"]),
                          tensor_to_torch(msg.tensors["pcm"]), replay=b < sv.next_block)
         if h.kind == "end":
+            sv.ended = True
             return EndSession(sv.session_no)
         return None
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 from kafka import TopicPartition
 
-from infra.local.stack import LOOPBACK, LocalStack, pid_alive
+from infra.local.stack import LOOPBACK, LocalStack, pid_alive, tcp_sockets
 from infra.topics import TopicSpec
 from services.common.kafka import ensure_topics, make_consumer, make_producer
 
@@ -106,33 +106,8 @@ def test_cli_up_status_down_leaves_nothing_behind(tmp_path):
 
 
 def _listen_addresses(pid: int) -> set[str]:
-    """The TCP addresses a process listens on, read from /proc (IPv4 and IPv6)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    out = set()
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        try:
-            rows = open(table).read().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
-                continue
-            hexip, hexport = cols[1].split(":")
-            port = int(hexport, 16)
-            if v6:
-                ip = "::" if set(hexip) == {"0"} else ("::1" if hexip.endswith("01000000") and hexip.startswith("0" * 24) else hexip)
-            else:
-                ip = ".".join(str(int(hexip[i:i + 2], 16)) for i in (6, 4, 2, 0))
-            out.add(f"{ip}:{port}")
-    return out
+    """The TCP addresses a process listens on (IPv4 and IPv6)."""
+    return {f"{sock.address}:{sock.port}" for sock in tcp_sockets([pid]) if sock.listening}
 
 
 def test_missing_redis_server_gives_a_clear_message(tmp_path, monkeypatch):

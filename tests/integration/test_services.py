@@ -6,7 +6,8 @@
 - one 30 s session through the session API at real time while the audio-encoder, a lane rank, the
   packager and the session API are SIGKILLed in turn: the client's media is complete and ordered (no
   block lost, duplicated or reordered) and covers the speech;
-- audio pushed faster than real time is refused past the queue limit, and the lag shows in metrics.
+- audio pushed faster than real time is refused past the queue limit, and the lag shows in metrics;
+- audio after a session's end, and a block re-sent behind its end marker, reach no rank (none fails).
 """
 
 from __future__ import annotations
@@ -342,3 +343,66 @@ def test_audio_faster_than_real_time_is_refused_past_the_limit_and_lag_is_visibl
     send(stack["producer"], AudioIn(session_id=sid, tenant_id="acme", seq=seq, kind="end"))
     stack["producer"].flush()
     check_complete(media_blocks(stack, sid), accepted)
+
+
+def _counter(port: int, name: str, **labels) -> float:
+    """A counter's value from a service's /metrics (0 when it was never incremented, -1 when the service
+    does not answer)."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return -1.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(w in line for w in want))
+
+
+def test_audio_and_blocks_after_a_sessions_end_reach_no_rank(stack, inputs):
+    """A client's audio racing its own end (or idle motion queued as it ended) is dropped by the encoder;
+    a block behind the end marker on the lane's partition (a re-sent message) is dropped by the lane's
+    head. Neither reaches a rank, whose session is closed: no rank fails, the lane is not recreated."""
+    from kafka import TopicPartition
+
+    from infra import topics
+    from services.common.kafka import make_consumer
+    from services.common.messages import decode, encode
+
+    img, pcm = inputs["grandmother"]
+    store, producer, svc = stack["store"], stack["producer"], _services(stack)
+    encoder_port = svc["audio-encoder"]["health_ports"][0]
+    refused = _counter(encoder_port, "liveavatar_refused_total", reason="after_end")
+    sid = run_session(stack, img, pcm[:BLOCK + 4000], seed=7)                    # 2 blocks, then its end
+    late = publish_pcm(producer, sid, "acme", pcm[:3 * BLOCK], 10_000, chunk=1600)   # audio after the end
+    producer.flush()
+    _wait(lambda: store.get_cursor(sid).get("features_end") is not None, 60, "the encoder sent the end")
+    _wait(lambda: _counter(encoder_port, "liveavatar_refused_total", reason="after_end") >= refused + late - 10_000,
+          30, "the late audio dropped by the encoder")
+    lane = store.get_session(sid).lane
+    ranks_before = Path(svc[lane]["rank_pids_file"]).read_text().split()
+    head_port = svc[lane]["health_ports"][0]
+    dropped = _counter(head_port, "liveavatar_duplicates_dropped_total", service="lane")
+    # the session's block 1 from audio-features, re-sent behind the end marker as block 2
+    partition = int(store.get_cursor(sid)["lane_partition"])
+    c = make_consumer(stack["info"].kafka_bootstrap, group_id=None)
+    tp = TopicPartition(topics.name(topics.AUDIO_FEATURES), partition)
+    c.assign([tp])
+    c.seek_to_beginning(tp)
+    block = None
+    deadline = time.monotonic() + 30
+    while block is None and time.monotonic() < deadline:
+        for recs in c.poll(timeout_ms=500).values():
+            for rec in recs:
+                m = decode(rec.value)
+                if m.header.session_id == sid and m.header.kind == "block" and m.header.seq == 1:
+                    block = m
+    c.close()
+    assert block is not None
+    producer.send(tp.topic, key=sid.encode(), partition=partition,
+                  value=encode(block.header.model_copy(update={"seq": 2}), block.tensors))
+    producer.flush()
+    check_complete(media_blocks(stack, sid), 2)                                 # blocks 0 and 1, then the end
+    _wait(lambda: _counter(head_port, "liveavatar_duplicates_dropped_total", service="lane") > dropped, 60,
+          "the lane's head dropped the block behind the end")
+    time.sleep(2.0)                                                             # a failing rank takes the group down
+    assert Path(svc[lane]["rank_pids_file"]).read_text().split() == ranks_before
+    assert all(pid_alive(int(p)) for p in ranks_before)

@@ -277,3 +277,21 @@ def test_a_lane_claimed_but_not_told_gets_its_start_marker_after_a_restart(worke
     assert [h.kind for h, _ in sent] == ["start"] and worker.store.get_cursor(SID)["lane_started"] == b"1"
     worker._handle_raw(_event(2, "pcm", _speech_like(1600, seed=8)))
     assert len(_sent(worker)) == 1                        # once
+
+
+def test_events_after_the_end_are_dropped_even_after_a_restart(worker):
+    """A client's audio racing its own DELETE, or idle motion queued as the session ended, must not reach
+    the lane after the end marker (the lane's ranks have closed the session)."""
+    n = worker.block_samples
+    pcm = _speech_like(n + 800, seed=9)
+    worker._handle_raw(_event(0, "pcm", pcm))
+    worker._handle_raw(_event(1, "end"))
+    worker._handle_raw(_event(2, "pcm", _speech_like(n, seed=10)))          # late audio, in memory
+    worker.sessions.clear()                                                  # restart: state from the cursor
+    worker._handle_raw(_event(3, "pcm", _speech_like(2 * n, seed=11)))
+    worker._handle_raw(_event(4, "end"))
+    sent = _sent(worker)
+    assert [h.kind for h, _ in sent] == ["block", "block", "end"]
+    assert worker.sessions == {}                                             # nothing kept for the dead session
+    for got, want in zip([t["features"] for h, t in sent[:2]], _stage_blocks(worker, [pcm]), strict=True):
+        assert np.array_equal(got, want)
