@@ -39,19 +39,20 @@ class Costs:
     """Per-block costs of one lane of a model, on cores that are otherwise idle."""
 
     steps: int = 4
-    step_cpu_s: float = 0.012                       # one denoising step, one thread (wall = CPU)
-    decode_wall_s: dict[int, float] = field(default_factory=lambda: {1: 0.56, 2: 0.39})   # by decoder threads
-    decode_cpu_s: dict[int, float] = field(default_factory=lambda: {1: 0.56, 2: 0.77})
+    step_cpu_s: float = 0.009                       # one denoising step, one thread (wall = CPU)
+    decode_wall_s: dict[int, float] = field(default_factory=lambda: {1: 0.34, 2: 0.23})   # by decoder threads
+    decode_cpu_s: dict[int, float] = field(default_factory=lambda: {1: 0.34, 2: 0.46})
     hop_cpu_s: float = 0.01                         # one rank-to-rank hand-off (gloo wake-ups, 3 messages)
     services_cpu_s: float = 0.12                    # audio encoder, packager, session API, broker per block
     measured: bool = False                          # the decode costs were measured on this machine
 
 
-#: The tiny-trained model at 64x64 on the reference 2-core machine (AMD EPYC): the step and the services'
-#: share from docs/tpp.md and docs/services.md, and the decode of v4's width-12 decoder from
-#: bench/vae_decode_bench.py (0.56 s of one core; 2 threads 0.39 s wall, up to 0.77 CPU s). v5's decoder
-#: costs about half; ``liveavatar up`` replaces the decode with :func:`measure_decode`'s on its machine, so
-#: these decode numbers serve only where nothing is measured (tests, a plan made without a model).
+#: The shipped tiny-trained model (v5) at 64x64 on the reference 2-core machine (the Intel Xeon of
+#: 2026-12-05, host idle and fast, 18:35 UTC): one step and v5's width-8 decode from
+#: bench/lane_shapes_bench.py (docs/tpp.md; the decode is 0.25-0.35 s of one core as that host's speed
+#: varies, v4's width-12 decoder about twice that), the services' share from docs/hotpath.md.
+#: ``liveavatar up`` replaces the decode with :func:`measure_decode`'s on its machine, so these decode
+#: numbers serve only where nothing is measured (tests, a plan made without a model).
 SHIPPED_COSTS = Costs()
 
 
