@@ -8,7 +8,7 @@ Every key is namespaced (``<ns>:``, default ``la``) and expires. The layout::
     la:sink:{sid}               hash   ref / motion / text tensors (wire-encoded), seed                TTL session
     la:anchor:{sid}             bytes  the re-anchored sink latent (block 0's first frame)             TTL session
     la:cursor:{sid}             hash   audio_seq, audio_pending, features_block, features_end, lane_started, lane_block,
-                                       media_block, acked_block, in_seq, accepted_samples,
+                                       media_block, acked_block, in_seq, accepted_samples, input_closed,
                                        pace_credit, pace_t (the API's no-faster-than-real-time bucket)  TTL session
     la:lane:{lane_id}           hash   partition, pool, status, session, heartbeat, drain              TTL heartbeat
     la:lanesession:{lane_id}    str    the session a lane serves; outlives the lane's heartbeat TTL    TTL session

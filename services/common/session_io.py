@@ -34,6 +34,10 @@ class Backpressure(RuntimeError):
     """The session already has more queued audio than allowed: the chunk was refused, nothing was sent."""
 
 
+class InputClosed(RuntimeError):
+    """The session's end was put on the bus: it takes no more audio (``input_closed`` in its cursor)."""
+
+
 def queued_seconds(store: StateStore, session_id: str, block_samples: int = 7680, rate: int = 16000) -> float:
     """Audio accepted but not yet turned into video (accepted samples minus generated blocks)."""
     accepted, lane_block = store.r.hmget(store.k("cursor", session_id), "accepted_samples", "lane_block")
@@ -49,7 +53,8 @@ def queued_from(accepted: bytes | None, lane_block: bytes | None, block_samples:
 
 def admit_audio(store: StateStore, session_id: str, samples: int, max_ahead_s: float,
                 max_backlog_s: float | None = None, rate: int = 16000, now: float | None = None) -> None:
-    """Accept ``samples`` of a session's audio, or refuse them with :class:`Backpressure` (count nothing).
+    """Accept ``samples`` of a session's audio, or refuse them with :class:`Backpressure` (count nothing);
+    :class:`InputClosed` once the session's end is on the bus.
 
     The rule a client must follow is *no faster than real time*, so that is what is measured: a token
     bucket of ``max_ahead_s`` seconds that refills at one second per second (``pace_credit`` and
@@ -60,8 +65,10 @@ def admit_audio(store: StateStore, session_id: str, samples: int, max_ahead_s: f
     that wait (audio accepted but not yet generated, :func:`queued_seconds`) as a safety limit.
     """
     key = store.k("cursor", session_id)
-    accepted, lane_block, credit_raw, t_raw = store.r.hmget(key, "accepted_samples", "lane_block", "pace_credit",
-                                                            "pace_t")          # one round trip for every read
+    accepted, lane_block, credit_raw, t_raw, closed = store.r.hmget(
+        key, "accepted_samples", "lane_block", "pace_credit", "pace_t", "input_closed")   # one round trip
+    if closed is not None:
+        raise InputClosed(f"session {session_id} is ending: it takes no more audio")
     if max_backlog_s is not None:
         q = queued_from(accepted, lane_block, rate=rate)
         if q > max_backlog_s:

@@ -30,7 +30,15 @@ from services.common import events
 from services.common.logging import get_logger
 from services.common.messages import AudioIn
 from services.common.redis_state import SessionRecord, StateStore
-from services.common.session_io import Backpressure, admit_audio, publish_pcm, publish_start, queued_from, send
+from services.common.session_io import (
+    Backpressure,
+    InputClosed,
+    admit_audio,
+    publish_pcm,
+    publish_start,
+    queued_from,
+    send,
+)
 from services.session_api.errors import api_error
 from services.session_api.metrics import AUDIO_SECONDS, EVENT_LOOP_LAG, EVENT_LOOP_LAG_MAX
 from services.session_api.schemas import SessionOptions
@@ -75,6 +83,12 @@ def _send_pcm(store: StateStore, leases: Leases, producer: KafkaProducer, sid: s
 
 
 def _send_event(store: StateStore, producer: KafkaProducer, sid: str, tenant: str, kind: str) -> None:
+    """``end`` closes the session's input first: audio and events after it are refused (409) here, and
+    whatever races past (another replica) is dropped by the audio encoder."""
+    if kind == "end":
+        store.set_cursor(sid, input_closed=1)
+    elif store.r.hget(store.k("cursor", sid), "input_closed") is not None:
+        raise InputClosed(f"session {sid} is ending: it takes no more audio")
     send(producer, AudioIn(session_id=sid, tenant_id=tenant, seq=_next_seqs(store, sid, 1), kind=kind))
 
 
@@ -102,13 +116,18 @@ async def push_pcm(st: AppState, sid: str, tenant: str, pcm: np.ndarray, *, acti
                         st.settings.max_queued_audio_s, activity, st.settings.max_backlog_audio_s)
         except (QueueFull, Backpressure) as exc:
             raise api_error(429, str(exc), {"Retry-After": "1"}) from exc
+        except InputClosed as exc:
+            raise api_error(409, str(exc)) from exc
     AUDIO_SECONDS.labels(tenant).inc(len(pcm) / RATE)
 
 
 async def send_event(st: AppState, sid: str, tenant: str, kind: str) -> None:
     """``end_utterance``, ``interrupt`` or ``end``: in order after the session's audio, then flushed."""
     async with st.session_lock(sid):
-        await st.io(_send_event, st.store, st.producer, sid, tenant, kind)
+        try:
+            await st.io(_send_event, st.store, st.producer, sid, tenant, kind)
+        except InputClosed as exc:
+            raise api_error(409, str(exc)) from exc
     await st.io(st.producer.flush)
 
 

@@ -113,7 +113,12 @@ async def ws_audio(ws: WebSocket, sid: str):
                     await ws.send_json({"type": "error", "status": 400, "message": "unknown control message"})
                     continue
                 open_utterance = False
-                await end_utterance()            # on the bus before the client is told (it may be gone)
+                try:
+                    await end_utterance()        # on the bus before the client is told (it may be gone)
+                except HTTPException as exc:     # the session is ending (409): nothing more goes on the bus
+                    await ws.send_json({"type": "error", "status": exc.status_code, "message": exc.detail})
+                    await ws.close(code=4000 + exc.status_code)
+                    return
                 await ws.send_json({"type": "utterance_end"})
     except WebSocketDisconnect:
         if open_utterance:

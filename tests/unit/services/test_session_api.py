@@ -20,6 +20,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from starlette.testclient import WebSocketDenialResponse
+from starlette.websockets import WebSocketDisconnect
 
 from services.common.examples import FACE_FOR_SPEECH, examples_dir
 from services.common.messages import AudioIn, Media, Tensor, decode, encode
@@ -430,6 +432,33 @@ def test_interrupt_and_delete_are_flushed_events_after_the_audio(api):
     h.store.update_session(sid, state="active")                 # a second delete (any replica) sends no 2nd end
     assert client.delete(f"/v1/sessions/{sid}").status_code == 204
     assert [m.kind for m in h.producer.sent].count("end") == 1
+
+
+def test_an_open_audio_socket_is_refused_with_409_once_its_session_is_ending(api):
+    """A client that keeps streaming after its session was deleted (by itself, another client or a timer)
+    is told so and disconnected; nothing of it goes on the bus after the end."""
+    h, client = api
+    sid = _create(client)
+    chunk = (np.random.default_rng(1).standard_normal(1600) * 3000).astype("<i2").tobytes()
+    with client.websocket_connect(f"/v1/sessions/{sid}/audio?key={h.key}") as ws:
+        ws.send_text(json.dumps({"format": "pcm16", "sample_rate": 16000}))
+        assert ws.receive_json() == {"type": "ready"}
+        ws.send_bytes(chunk)
+        ws.send_text(json.dumps({"type": "end"}))
+        assert ws.receive_json() == {"type": "utterance_end"}
+        assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+        ws.send_bytes(chunk)
+        ws.send_text(json.dumps({"type": "end"}))       # an answer either way: the refusal, or utterance_end
+        err = ws.receive_json()
+        assert err["type"] == "error" and err["status"] == 409 and "ending" in err["message"], err
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 4409
+    with pytest.raises(WebSocketDenialResponse) as denied:                          # a new socket: refused
+        client.websocket_connect(f"/v1/sessions/{sid}/audio?key={h.key}").__enter__()
+    assert denied.value.status_code == 409
+    kinds = [m.kind for m in h.producer.sent]
+    assert kinds == ["start", "pcm", "end_utterance", "end"]
 
 
 def test_http_and_websocket_media_serve_the_same_tracked_stream(api):
