@@ -160,8 +160,8 @@ def settle_previous_run(redis_url: str, namespace: str = "la") -> list[str]:
 
 
 def _lane_plan(lanes: int, shape: str, decode_threads: int | None) -> dict:
-    """The lanes' shape and decoder threads: as given, or planned for this machine (``auto``)."""
-    from pipeline_stages.tpp.shape import parse_shape
+    """The lanes' shape and decoder threads: as given (:func:`up` has checked it), or planned for this machine
+    (``auto``)."""
     from services.cli.lane_plan import busy_cores, measure_decode, plan_lanes
 
     if shape == "auto":   # the decode, most of a lane's CPU cost, measured on this machine for the lanes' model
@@ -170,7 +170,6 @@ def _lane_plan(lanes: int, shape: str, decode_threads: int | None) -> dict:
         plan = plan_lanes(lanes=lanes, costs=costs, busy=busy)
         return {"shape": plan.shape, "decode_threads": decode_threads or plan.decode_threads,
                 "auto": True, "reason": plan.describe()}
-    parse_shape(shape)
     return {"shape": shape, "decode_threads": decode_threads, "auto": False,
             "reason": f"lane shape {shape} as asked"}
 

@@ -37,6 +37,9 @@ class Backpressure(RuntimeError):
 class InputClosed(RuntimeError):
     """The session's end was put on the bus: it takes no more audio (``input_closed`` in its cursor)."""
 
+    def __init__(self, session_id: str):
+        super().__init__(f"session {session_id} is ending: it takes no more audio")
+
 
 def queued_seconds(store: StateStore, session_id: str, block_samples: int = 7680, rate: int = 16000) -> float:
     """Audio accepted but not yet turned into video (accepted samples minus generated blocks)."""
@@ -68,7 +71,7 @@ def admit_audio(store: StateStore, session_id: str, samples: int, max_ahead_s: f
     accepted, lane_block, credit_raw, t_raw, closed = store.r.hmget(
         key, "accepted_samples", "lane_block", "pace_credit", "pace_t", "input_closed")   # one round trip
     if closed is not None:
-        raise InputClosed(f"session {session_id} is ending: it takes no more audio")
+        raise InputClosed(session_id)
     if max_backlog_s is not None:
         q = queued_from(accepted, lane_block, rate=rate)
         if q > max_backlog_s:

@@ -88,7 +88,7 @@ def _send_event(store: StateStore, producer: KafkaProducer, sid: str, tenant: st
     if kind == "end":
         store.set_cursor(sid, input_closed=1)
     elif store.r.hget(store.k("cursor", sid), "input_closed") is not None:
-        raise InputClosed(f"session {sid} is ending: it takes no more audio")
+        raise InputClosed(sid)
     send(producer, AudioIn(session_id=sid, tenant_id=tenant, seq=_next_seqs(store, sid, 1), kind=kind))
 
 
